@@ -1,0 +1,172 @@
+/* otel_cuda.h — the kernel <-> user-space contract of otel-cuda.
+ *
+ * Every record on the ring buffer starts with struct oc_header, whose first byte says which struct follows.
+ * Structs are naturally aligned with explicit padding (never packed) so the ctypes mirror in
+ * otel_cuda/events.py matches byte for byte; tests/unit/test_contract.py compiles this header and checks
+ * every size and offset, and the function ids below against the probe table in otel_cuda/probes.py.
+ */
+#ifndef OTEL_CUDA_H
+#define OTEL_CUDA_H
+
+#define OC_ARGS 6          /* captured arguments per call; their meaning per function is in probes.py */
+#define OC_NAME_LEN 256    /* kernel names longer than this are truncated (and flagged) */
+#define OC_HIST_BUCKETS 32 /* log2(ns) latency buckets: bucket i counts durations in [2^i, 2^(i+1)) ns */
+
+enum oc_event_type {
+    OC_EV_CALL = 1,   /* struct oc_call: any probed call except launches and name-giving calls */
+    OC_EV_LAUNCH = 2, /* struct oc_launch: cuLaunchKernel & co, cuGraphLaunch */
+    OC_EV_NAME = 3,   /* struct oc_name: cuModuleGetFunction / cuLibraryGetKernel, with the name */
+    OC_EV_SYS = 4,    /* struct oc_sys: system events around the GPU work (file I/O, mmap, scheduling) */
+};
+
+enum oc_layer {
+    OC_LAYER_DRIVER = 0,  /* libcuda */
+    OC_LAYER_RUNTIME = 1, /* libcudart */
+};
+
+enum oc_flags {
+    OC_F_RETURN = 1,    /* the return was probed: dur_ns and result are valid */
+    OC_F_NESTED = 2,    /* a driver call made inside a probed runtime call on the same thread */
+    OC_F_TRUNCATED = 4, /* the name did not fit in OC_NAME_LEN */
+};
+
+/* Function ids. Append only: ids are archived. probes.py holds the same table with argument names. */
+enum oc_func {
+    /* launch */
+    OC_FN_cuLaunchKernel = 1,
+    OC_FN_cuLaunchKernelEx = 2,
+    OC_FN_cuLaunchCooperativeKernel = 3,
+    OC_FN_cuGraphLaunch = 4,
+    /* memory */
+    OC_FN_cuMemAlloc_v2 = 10,
+    OC_FN_cuMemAllocAsync = 11,
+    OC_FN_cuMemAllocManaged = 12,
+    OC_FN_cuMemAllocHost_v2 = 13,
+    OC_FN_cuMemHostAlloc = 14,
+    OC_FN_cuMemCreate = 15,
+    OC_FN_cuMemFree_v2 = 16,
+    OC_FN_cuMemFreeAsync = 17,
+    OC_FN_cuMemFreeHost = 18,
+    OC_FN_cuMemRelease = 19,
+    /* copy / set */
+    OC_FN_cuMemcpy = 30,
+    OC_FN_cuMemcpyAsync = 31,
+    OC_FN_cuMemcpyHtoD_v2 = 32,
+    OC_FN_cuMemcpyDtoH_v2 = 33,
+    OC_FN_cuMemcpyDtoD_v2 = 34,
+    OC_FN_cuMemcpyHtoDAsync_v2 = 35,
+    OC_FN_cuMemcpyDtoHAsync_v2 = 36,
+    OC_FN_cuMemcpyDtoDAsync_v2 = 37,
+    OC_FN_cuMemcpyPeer = 38,
+    OC_FN_cuMemcpyPeerAsync = 39,
+    OC_FN_cuMemsetD8_v2 = 40,
+    OC_FN_cuMemsetD16_v2 = 41,
+    OC_FN_cuMemsetD32_v2 = 42,
+    OC_FN_cuMemsetD8Async = 43,
+    OC_FN_cuMemsetD16Async = 44,
+    OC_FN_cuMemsetD32Async = 45,
+    /* sync */
+    OC_FN_cuStreamSynchronize = 50,
+    OC_FN_cuCtxSynchronize = 51,
+    OC_FN_cuEventSynchronize = 52,
+    OC_FN_cuStreamWaitEvent = 53,
+    /* names */
+    OC_FN_cuModuleGetFunction = 60,
+    OC_FN_cuLibraryGetKernel = 61,
+    OC_FN_cuKernelGetFunction = 62,
+    OC_FN_cuModuleLoadData = 63,
+    OC_FN_cuModuleLoadDataEx = 64,
+    OC_FN_cuLibraryLoadData = 65,
+    /* lifecycle */
+    OC_FN_cuInit = 70,
+    OC_FN_cuDevicePrimaryCtxRetain = 71,
+    OC_FN_cuCtxCreate_v2 = 72,
+    /* runtime layer (libcudart), optional */
+    OC_FN_cudaLaunchKernel = 100,
+    OC_FN_cudaMemcpy = 101,
+    OC_FN_cudaMemcpyAsync = 102,
+    OC_FN_cudaMalloc = 103,
+    OC_FN_cudaFree = 104,
+    OC_FN_cudaStreamSynchronize = 105,
+    OC_FN_cudaDeviceSynchronize = 106,
+    OC_FN_cudaGraphLaunch = 107,
+    OC_FN_MAX = 128,
+};
+
+struct oc_header {
+    __u8 type;  /* enum oc_event_type */
+    __u8 layer; /* enum oc_layer */
+    __u8 flags; /* enum oc_flags */
+    __u8 _pad0;
+    __u16 func; /* enum oc_func (or enum oc_sys_kind for OC_EV_SYS) */
+    __u16 _pad1;
+    __u32 pid;   /* thread-group id in the sidecar's pid namespace */
+    __u32 tid;   /* thread id in the sidecar's pid namespace */
+    __u64 ts_ns; /* entry time, CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+};
+
+struct oc_call {
+    struct oc_header h;
+    __u64 dur_ns;  /* entry to return; 0 without OC_F_RETURN */
+    __s32 result;  /* CUresult; -1 without OC_F_RETURN */
+    __u32 _pad0;
+    __u64 args[OC_ARGS];
+};
+
+struct oc_launch {
+    struct oc_header h;
+    __u64 dur_ns;
+    __s32 result;
+    __u32 shared_mem; /* dynamic shared memory bytes */
+    __u64 handle;     /* CUfunction / CUkernel, or CUgraphExec for cuGraphLaunch */
+    __u64 stream;
+    __u32 grid[3];
+    __u32 block[3];
+};
+
+struct oc_name {
+    struct oc_header h;
+    __u64 dur_ns;
+    __s32 result;
+    __u32 _pad0;
+    __u64 handle; /* CUfunction / CUkernel written by the call */
+    __u64 parent; /* CUmodule / CUlibrary it came from */
+    char name[OC_NAME_LEN];
+};
+
+/* System events (issue 6/6): args meaning per kind is in probes.py. */
+struct oc_sys {
+    struct oc_header h;
+    __u64 dur_ns;
+    __s64 result;
+    __u64 args[4];
+    char path[OC_NAME_LEN];
+};
+
+/* In-kernel aggregates (read by user space, never cleared by it). */
+struct oc_stat_key {
+    __u32 pid;
+    __u16 func;
+    __u16 _pad0;
+};
+
+struct oc_stat {
+    __u64 calls;
+    __u64 errors;   /* result != CUDA_SUCCESS */
+    __u64 total_ns; /* sum of durations of calls with a probed return */
+    __u64 bytes;    /* bytes allocated / copied / set */
+    __u64 hist[OC_HIST_BUCKETS];
+};
+
+enum oc_mem_type {
+    OC_MEM_DEVICE = 0,
+    OC_MEM_HOST = 1,
+    OC_MEM_MANAGED = 2,
+};
+
+struct oc_live_key {
+    __u32 pid;
+    __u32 mem_type; /* enum oc_mem_type */
+};
+
+#endif

@@ -131,6 +131,7 @@ struct oc_name {
     __u32 _pad0;
     __u64 handle; /* CUfunction / CUkernel written by the call */
     __u64 parent; /* CUmodule / CUlibrary it came from */
+    __u64 name_addr; /* where the name lives in the process: user space reads the rest of a truncated one */
     char name[OC_NAME_LEN];
 };
 

@@ -30,7 +30,7 @@ missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 
 kernel=$(uname -r)
-if [ ! -e "/lib/modules/$kernel/build/include" ]; then
+if [ ! -e "/lib/modules/$kernel/source/include/linux/kconfig.h" ]; then
   # The running kernel ships no headers here; BCC needs some to compile uprobe programs. Debian's own serve.
   if apt-cache policy "linux-headers-$kernel" 2>/dev/null | grep -q Candidate: && \
      ! apt-cache policy "linux-headers-$kernel" | grep -q "Candidate: (none)"; then
@@ -48,13 +48,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # --- kernel headers for BCC ------------------------------------------------------------------------
-if [ ! -e "/lib/modules/$kernel/build/include" ]; then
+if [ ! -e "/lib/modules/$kernel/source/include/linux/kconfig.h" ]; then
   hdr=$(ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 2>/dev/null | sort -V | tail -n 1 || true)
   [ -n "$hdr" ] || die "no kernel headers for $kernel" "apt-get install linux-headers-amd64"
+  # Debian splits the headers: the arch-specific tree (generated files) and the -common tree (the sources).
+  common="${hdr%-*}-common"
+  [ -d "$common" ] || common="$hdr"
   mkdir -p "/lib/modules/$kernel"
   ln -sfn "$hdr" "/lib/modules/$kernel/build"
-  ln -sfn "$hdr" "/lib/modules/$kernel/source"
-  say "the running kernel $kernel ships no headers: linked /lib/modules/$kernel/{build,source} -> $hdr (Debian's serve uprobe programs)"
+  ln -sfn "$common" "/lib/modules/$kernel/source"
+  say "the running kernel $kernel ships no headers: linked /lib/modules/$kernel/build -> $hdr and source -> $common (Debian's serve uprobe programs)"
 fi
 
 # --- tracefs / debugfs ------------------------------------------------------------------------------

@@ -1,0 +1,250 @@
+"""Which processes to trace, where their libcuda is, and when they come and go.
+
+vLLM V1 runs an API server (no CUDA), an EngineCore and, with tensor parallelism, workers; they start minutes
+apart, load libcuda late (when torch initialises CUDA) and restart. So discovery rescans /proc, selects by PID,
+cmdline regex or cgroup, selects a matching process in the kernel at once (before it maps libcuda), and
+reports each new library file (by inode, seen through /proc/PID/root so containers resolve) to be attached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+log = logging.getLogger(__name__)
+
+LIBCUDA = re.compile(r"/libcuda\.so(\.\d+)*$")
+LIBCUDART = re.compile(r"/libcudart\.so(\.\d+)*$")
+
+
+class SelectionError(ValueError):
+    """A target selection that cannot work (bad regex, no such pid): reported as one line."""
+
+
+@dataclass(frozen=True)
+class Selector:
+    pids: tuple[int, ...] = ()
+    match: str | None = None  # regex searched in the NUL-joined-by-space cmdline
+    cgroup: str | None = None  # a cgroup path (as in /proc/PID/cgroup) the process must be in or under
+
+    def __post_init__(self):
+        if not (self.pids or self.match or self.cgroup):
+            raise SelectionError("no target: give --pid, --match or --cgroup")
+        if self.match is not None:
+            try:
+                re.compile(self.match)
+            except re.error as exc:
+                raise SelectionError(f"invalid --match regex {self.match!r}: {exc}") from None
+
+    def matches(self, proc: "ProcInfo") -> bool:
+        if self.pids and proc.pid in self.pids:
+            return True
+        if self.match and re.search(self.match, proc.cmdline):
+            return True
+        if self.cgroup and any(c == self.cgroup or c.startswith(self.cgroup.rstrip("/") + "/") for c in proc.cgroups):
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class Library:
+    identity: tuple[int, int]  # (st_dev, st_ino) of the file: uprobes are per inode
+    path: str  # a path the sidecar can open: /proc/PID/root/<mapped path>
+    mapped_path: str  # as the target sees it
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    cmdline: str
+    cgroups: tuple[str, ...] = ()
+    start_time: int = 0  # clock ticks since boot (field 22 of stat): tells a restarted pid apart
+    libraries: tuple[Library, ...] = ()
+
+
+class ProcFS(Protocol):
+    def pids(self) -> Iterable[int]: ...
+    def info(self, pid: int, library: re.Pattern) -> ProcInfo | None: ...
+
+
+class LiveProcFS:
+    """The real /proc."""
+
+    def __init__(self, root: str = "/proc"):
+        self.root = root
+
+    def pids(self) -> Iterable[int]:
+        for name in os.listdir(self.root):
+            if name.isdigit():
+                yield int(name)
+
+    def info(self, pid: int, library: re.Pattern = LIBCUDA) -> ProcInfo | None:
+        base = f"{self.root}/{pid}"
+        try:
+            with open(f"{base}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            with open(f"{base}/stat", "rb") as f:
+                stat = f.read().decode("utf-8", "replace")
+            start_time = int(stat.rsplit(")", 1)[1].split()[19])
+            with open(f"{base}/cgroup") as f:
+                cgroups = tuple(line.strip().split(":", 2)[2] for line in f if line.count(":") >= 2)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
+            return None
+        return ProcInfo(pid, cmdline, cgroups, start_time, tuple(self.libraries(pid, library)))
+
+    def libraries(self, pid: int, library: re.Pattern) -> list[Library]:
+        found: dict[tuple[int, int], Library] = {}
+        try:
+            with open(f"{self.root}/{pid}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) < 6:
+                        continue
+                    mapped = parts[5].strip()
+                    if not library.search(mapped):
+                        continue
+                    path = f"{self.root}/{pid}/root{mapped}"
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    found.setdefault((st.st_dev, st.st_ino), Library((st.st_dev, st.st_ino), path, mapped))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return []
+        return list(found.values())
+
+
+@dataclass
+class _Tracked:
+    info: ProcInfo
+    reported_no_library: bool = False
+
+
+@dataclass
+class DiscoveryCounters:
+    processes_seen: int = 0
+    processes_exited: int = 0
+    without_library: int = 0
+    attach_failures: int = 0
+    detail: list[str] = field(default_factory=list)
+
+
+class Discovery:
+    """Rescans /proc and calls back: on_select(pid) as soon as a process matches, on_library(lib) for each new
+    library file, on_exit(pid) when a selected process is gone, on_library_unused(lib) when no selected
+    process maps a library any more."""
+
+    def __init__(
+        self,
+        selector: Selector,
+        procfs: ProcFS,
+        on_select: Callable[[ProcInfo], None],
+        on_exit: Callable[[ProcInfo], None],
+        on_library: Callable[[Library], None],
+        on_library_unused: Callable[[Library], None],
+        library: re.Pattern = LIBCUDA,
+        interval_s: float = 0.2,
+        detach_grace_s: float = 30.0,
+        clock=time.monotonic,
+    ):
+        self.selector = selector
+        self.procfs = procfs
+        self.on_select = on_select
+        self.on_exit = on_exit
+        self.on_library = on_library
+        self.on_library_unused = on_library_unused
+        self.library = library
+        self.interval_s = interval_s
+        self.detach_grace_s = detach_grace_s
+        self._clock = clock
+        self._unused_since: dict[tuple[int, int], float] = {}
+        self.counters = DiscoveryCounters()
+        self._tracked: dict[int, _Tracked] = {}
+        self._libraries: dict[tuple[int, int], Library] = {}
+        self._self_pid = os.getpid()
+
+    def check_explicit_pids(self) -> None:
+        """--pid names processes that must exist at start: say so at once rather than trace nothing. When
+        --pid is the only selection and none of them maps libcuda, the user picked the wrong process (the
+        vLLM API server makes no CUDA calls): an error; one such pid among others is only reported."""
+        infos = []
+        for pid in self.selector.pids:
+            info = self.procfs.info(pid, self.library)
+            if info is None:
+                raise SelectionError(f"no such process: {pid}")
+            infos.append(info)
+        only_pids = not (self.selector.match or self.selector.cgroup)
+        if infos and only_pids and not any(i.libraries for i in infos):
+            listed = ", ".join(str(i.pid) for i in infos)
+            raise SelectionError(f"process {listed} maps no libcuda.so — pick the process that makes CUDA calls "
+                                 "(vLLM: the EngineCore or a worker, not the API server)")
+
+    @property
+    def tracked(self) -> dict[int, ProcInfo]:
+        return {pid: t.info for pid, t in self._tracked.items()}
+
+    def scan(self) -> None:
+        seen: set[int] = set()
+        for pid in self.procfs.pids():
+            if pid == self._self_pid:
+                continue
+            known = self._tracked.get(pid)
+            info = self.procfs.info(pid, self.library)
+            if info is None:
+                continue
+            if known and known.info.start_time != info.start_time:
+                self._forget(pid)  # the pid was reused by a new process
+                known = None
+            if known is None and not self.selector.matches(info):
+                continue
+            seen.add(pid)
+            if known is None:
+                known = self._tracked[pid] = _Tracked(info)
+                self.counters.processes_seen += 1
+                self.on_select(info)
+            else:
+                known.info = info
+            for lib in info.libraries:
+                if lib.identity not in self._libraries:
+                    self._libraries[lib.identity] = lib
+                    self.on_library(lib)
+            if not info.libraries and not known.reported_no_library:
+                known.reported_no_library = True
+                self.counters.without_library += 1
+                log.warning("process %d (%s) maps no CUDA library yet; it stays selected", pid, info.cmdline[:80])
+        for pid in [p for p in self._tracked if p not in seen]:
+            self._forget(pid)
+        self._release_unused()
+
+    def _forget(self, pid: int) -> None:
+        tracked = self._tracked.pop(pid)
+        self.counters.processes_exited += 1
+        self.on_exit(tracked.info)
+
+    def _release_unused(self) -> None:
+        """Detach a library no selected process maps, once it has been unused for detach_grace_s: vLLM
+        restarts its engine, and re-attaching costs more than waiting (each uprobe's release waits for an
+        RCU grace period)."""
+        in_use = {lib.identity for t in self._tracked.values() for lib in t.info.libraries}
+        now = self._clock()
+        for identity in list(self._libraries):
+            if identity in in_use:
+                self._unused_since.pop(identity, None)
+                continue
+            since = self._unused_since.setdefault(identity, now)
+            if now - since >= self.detach_grace_s:
+                del self._unused_since[identity]
+                self.on_library_unused(self._libraries.pop(identity))
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.scan()
+            except Exception:
+                log.exception("discovery scan failed; retrying")
+            stop.wait(self.interval_s)

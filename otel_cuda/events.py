@@ -1,0 +1,170 @@
+"""ctypes mirrors of bpf/otel_cuda.h and the decoded event type.
+
+The ctypes structures are the contract's mirror (tests/unit/test_contract.py compiles the C header and compares
+sizes and offsets); decoding uses precompiled `struct` formats derived from them, because the ring-buffer
+reader decodes tens of thousands of events a second and `struct.unpack_from` is several times cheaper than
+ctypes `from_buffer_copy`.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import struct
+from typing import NamedTuple
+
+OC_ARGS = 6
+OC_NAME_LEN = 256
+OC_HIST_BUCKETS = 32
+
+EV_CALL, EV_LAUNCH, EV_NAME, EV_SYS = 1, 2, 3, 4
+LAYER_DRIVER, LAYER_RUNTIME = 0, 1
+F_RETURN, F_NESTED, F_TRUNCATED = 1, 2, 4
+
+
+class Header(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint8),
+        ("layer", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("_pad0", ct.c_uint8),
+        ("func", ct.c_uint16),
+        ("_pad1", ct.c_uint16),
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("ts_ns", ct.c_uint64),
+    ]
+
+
+class Call(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("dur_ns", ct.c_uint64),
+        ("result", ct.c_int32),
+        ("_pad0", ct.c_uint32),
+        ("args", ct.c_uint64 * OC_ARGS),
+    ]
+
+
+class Launch(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("dur_ns", ct.c_uint64),
+        ("result", ct.c_int32),
+        ("shared_mem", ct.c_uint32),
+        ("handle", ct.c_uint64),
+        ("stream", ct.c_uint64),
+        ("grid", ct.c_uint32 * 3),
+        ("block", ct.c_uint32 * 3),
+    ]
+
+
+class Name(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("dur_ns", ct.c_uint64),
+        ("result", ct.c_int32),
+        ("_pad0", ct.c_uint32),
+        ("handle", ct.c_uint64),
+        ("parent", ct.c_uint64),
+        ("name_addr", ct.c_uint64),
+        ("name", ct.c_char * OC_NAME_LEN),
+    ]
+
+
+class Sys(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("dur_ns", ct.c_uint64),
+        ("result", ct.c_int64),
+        ("args", ct.c_uint64 * 4),
+        ("path", ct.c_char * OC_NAME_LEN),
+    ]
+
+
+class StatKey(ct.Structure):
+    _fields_ = [("pid", ct.c_uint32), ("func", ct.c_uint16), ("_pad0", ct.c_uint16)]
+
+
+class Stat(ct.Structure):
+    _fields_ = [
+        ("calls", ct.c_uint64),
+        ("errors", ct.c_uint64),
+        ("total_ns", ct.c_uint64),
+        ("bytes", ct.c_uint64),
+        ("hist", ct.c_uint64 * OC_HIST_BUCKETS),
+    ]
+
+
+class LiveKey(ct.Structure):
+    _fields_ = [("pid", ct.c_uint32), ("mem_type", ct.c_uint32)]
+
+
+class Event(NamedTuple):
+    """One probed call, decoded. `args` depends on `type`:
+    EV_CALL: the six captured slots (meaning per function in probes.py);
+    EV_LAUNCH: (handle, stream, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_mem);
+    EV_NAME: (handle, parent, name address) with `name` set; EV_SYS: four slots (see sysprobes) with `name` = path."""
+
+    type: int
+    layer: int
+    flags: int
+    func: int
+    pid: int
+    tid: int
+    ts_ns: int
+    dur_ns: int
+    result: int
+    args: tuple
+    name: str = ""
+
+    @property
+    def has_return(self) -> bool:
+        return bool(self.flags & F_RETURN)
+
+    @property
+    def nested(self) -> bool:
+        return bool(self.flags & F_NESTED)
+
+
+# Precompiled layouts (little-endian, as the kernel writes them on every supported architecture).
+_HEADER = "<BBBxHxxIIQ"
+_CALL = struct.Struct(_HEADER + "Qi4x" + "6Q")
+_LAUNCH = struct.Struct(_HEADER + "QiIQQ3I3I")
+_NAME = struct.Struct(_HEADER + "Qi4xQQQ%ds" % OC_NAME_LEN)
+_SYS = struct.Struct(_HEADER + "Qq4Q%ds" % OC_NAME_LEN)
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode(data: bytes) -> Event:
+    """Decode one ring-buffer record. Raises DecodeError for a record that matches no struct of the contract."""
+    if not data:
+        raise DecodeError("empty record")
+    kind = data[0]
+    try:
+        if kind == EV_LAUNCH:
+            t, layer, flags, func, pid, tid, ts, dur, res, shmem, handle, stream, gx, gy, gz, bx, by, bz = (
+                _LAUNCH.unpack_from(data)
+            )
+            return Event(t, layer, flags, func, pid, tid, ts, dur, res, (handle, stream, gx, gy, gz, bx, by, bz, shmem))
+        if kind == EV_CALL:
+            t, layer, flags, func, pid, tid, ts, dur, res, *args = _CALL.unpack_from(data)
+            return Event(t, layer, flags, func, pid, tid, ts, dur, res, tuple(args))
+        if kind == EV_NAME:
+            t, layer, flags, func, pid, tid, ts, dur, res, handle, parent, name_addr, name = _NAME.unpack_from(data)
+            return Event(t, layer, flags, func, pid, tid, ts, dur, res, (handle, parent, name_addr), _cstr(name))
+        if kind == EV_SYS:
+            t, layer, flags, func, pid, tid, ts, dur, res, a0, a1, a2, a3, path = _SYS.unpack_from(data)
+            return Event(t, layer, flags, func, pid, tid, ts, dur, res, (a0, a1, a2, a3), _cstr(path))
+    except struct.error as exc:
+        raise DecodeError(f"record of type {kind} is {len(data)} bytes: {exc}") from None
+    raise DecodeError(f"unknown record type {kind} ({len(data)} bytes)")
+
+
+SIZES = {EV_CALL: _CALL.size, EV_LAUNCH: _LAUNCH.size, EV_NAME: _NAME.size, EV_SYS: _SYS.size}

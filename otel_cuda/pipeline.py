@@ -1,0 +1,258 @@
+"""build(): wires the stages with named queues; Pipeline.run(stop) runs them until stop is set.
+
+    ring buffer ─▶ RingReader ─▶ on_events: names ─▶ steps ─▶ events_to_archive ─▶ archive
+                                             │         └──▶ steps_to_spans ─▶ spans / join
+                                             └──▶ metrics (per-event instruments; the rest from kernel maps)
+    discovery ─▶ select / attach / detach in the kernel
+
+A disabled stage is a pass-through object with the same interface (NullArchive, NullTelemetry), not an `if`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import events as ev_mod
+from . import probes as probe_table
+from .clock import MonotonicToEpoch
+from .discovery import Discovery, Library, ProcInfo
+from .events import Event
+from .names import KernelNames
+from .records import symbol, to_record
+from .source import RingReader
+from .steps import Step, StepTracker
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveSink(Protocol):
+    def write(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+    def stats(self) -> dict: ...
+
+
+class Observer(Protocol):
+    """What the telemetry stage takes from the pipeline (metrics, spans, join)."""
+
+    def on_events(self, batch: list[tuple[Event, str | None, int | None]]) -> None: ...
+    def on_step(self, step: Step) -> None: ...
+    def on_outlier(self, ev: Event, kernel: str | None) -> None: ...
+    def on_process(self, info: ProcInfo) -> None: ...
+    def on_process_exit(self, info: ProcInfo) -> None: ...
+    def on_idle(self, now_ns: int) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class NullArchive:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+class NullObserver:
+    def on_events(self, batch):
+        pass
+
+    def on_step(self, step):
+        pass
+
+    def on_outlier(self, ev, kernel):
+        pass
+
+    def on_process(self, info):
+        pass
+
+    def on_process_exit(self, info):
+        pass
+
+    def on_idle(self, now_ns):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+@dataclass
+class Totals:
+    """What the sidecar saw, for the exit summary and the demo's report."""
+
+    calls: Counter = field(default_factory=Counter)  # function -> events processed
+    by_pid: Counter = field(default_factory=Counter)  # (pid, function) -> events processed
+    errors: Counter = field(default_factory=Counter)
+    dur_ns: Counter = field(default_factory=Counter)
+    bytes_moved: int = 0
+    steps: int = 0
+    archived: int = 0
+    dropped_queue: int = 0
+
+
+class Pipeline:
+    """The stages and the edges between them; build() wires it."""
+
+    names: KernelNames
+    steps: StepTracker
+    reader: RingReader
+    discovery: Discovery
+
+    def __init__(self, probes, archive: ArchiveSink, observer: Observer, clock: MonotonicToEpoch,
+                 attach_set: tuple, archive_queue_size: int = 65536):
+        self.probes = probes
+        self.archive = archive
+        self.observer = observer
+        self.clock = clock
+        self.attach_set = attach_set
+        self.totals = Totals()
+        self.events_to_archive: queue.Queue = queue.Queue(maxsize=archive_queue_size)
+        self.ready = threading.Event()
+        self._stopped = False
+
+    # -- discovery callbacks ------------------------------------------------------------------------------
+    def on_select(self, info: ProcInfo) -> None:
+        self.probes.select(info.pid)
+        log.info("tracing process %d: %s", info.pid, info.cmdline[:120])
+        self.observer.on_process(info)
+
+    def on_exit(self, info: ProcInfo) -> None:
+        self.probes.deselect(info.pid)
+        self.steps.forget_process(info.pid)
+        self.names.forget(info.pid)
+        log.info("process %d exited", info.pid)
+        self.observer.on_process_exit(info)
+
+    def on_library(self, lib: Library) -> None:
+        try:
+            missing = self.probes.attach_library(lib.identity, lib.path, self.attach_set)
+        except Exception as exc:
+            self.discovery.counters.attach_failures += 1
+            log.error("cannot attach to %s: %s", lib.mapped_path, exc)
+            return
+        log.info("attached %d probes to %s%s", self.probes.attached_probes, lib.mapped_path,
+                 f" (not in this library: {', '.join(missing)})" if missing else "")
+
+    def on_library_unused(self, lib: Library) -> None:
+        self.probes.detach_library(lib.identity)
+        log.info("detached from %s", lib.mapped_path)
+
+    # -- the hot path: one call per ring-buffer batch ------------------------------------------------------
+    def on_events(self, batch: list[Event]) -> None:
+        names, steps, totals = self.names, self.steps, self.totals
+        offset = self.clock.offset()
+        annotated = []
+        for ev in batch:
+            if ev.type == ev_mod.EV_SYS:
+                annotated.append((ev, None, None))
+                continue
+            ev = names.observe(ev)
+            kernel = names.name_of_launch(ev)
+            step = steps.process(ev, kernel)
+            func = symbol(ev)
+            totals.calls[func] += 1
+            totals.by_pid[(ev.pid, func)] += 1
+            if ev.has_return:
+                totals.dur_ns[func] += ev.dur_ns
+                if ev.result != 0:
+                    totals.errors[func] += 1
+            annotated.append((ev, kernel, step))
+            try:
+                self.events_to_archive.put_nowait(to_record(ev, offset, kernel, step))
+            except queue.Full:
+                totals.dropped_queue += 1
+        self.observer.on_events(annotated)
+
+    def on_step(self, step: Step) -> None:
+        self.totals.steps += 1
+        self.observer.on_step(step)
+
+    # -- threads ----------------------------------------------------------------------------------------
+    def _archive_loop(self) -> None:
+        while True:
+            record = self.events_to_archive.get()
+            if record is None:  # close(): everything queued before it has been written
+                return
+            try:
+                self.archive.write(record)
+                self.totals.archived += 1
+            except Exception:
+                log.exception("archive write failed; the record is counted as dropped")
+                self.totals.dropped_queue += 1
+
+    def archive_record(self, record: dict) -> None:
+        """Queue a record from another stage (the join's request records)."""
+        try:
+            self.events_to_archive.put_nowait(record)
+        except queue.Full:
+            self.totals.dropped_queue += 1
+
+    def start(self) -> None:
+        self._archive_thread = threading.Thread(target=self._archive_loop, name="archive", daemon=True)
+        self._archive_thread.start()
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until stop is set; then drain the ring buffer and close open steps. close() flushes the rest."""
+        discovery = threading.Thread(target=self.discovery.run, args=(stop,), name="discovery", daemon=True)
+        discovery.start()
+        self.ready.set()
+        try:
+            while not stop.is_set():
+                now = time.monotonic_ns()
+                self.reader.pump(self.reader.poll_ms)
+                self.steps.tick(now)
+                self.observer.on_idle(now)
+        finally:
+            discovery.join(timeout=5)
+            self.reader.drain()
+            self.steps.close_all()
+            self.observer.on_idle(time.monotonic_ns())
+
+    def close(self) -> None:
+        """Write what is queued and close the archive. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if getattr(self, "_archive_thread", None) is not None:
+            self.events_to_archive.put(None)
+            self._archive_thread.join()
+        self.archive.close()
+
+    def summary(self) -> dict:
+        t = self.totals
+        return {
+            "calls": dict(t.calls),
+            "errors": dict(t.errors),
+            "api_time_s": {k: v / 1e9 for k, v in t.dur_ns.items()},
+            "steps": t.steps,
+            "lost_ringbuf": self.probes.lost(),
+            "decode_errors": self.reader.counters.decode_errors,
+            "dropped_queue": t.dropped_queue,
+            "archived": t.archived,
+            "launches_named": self.names.launches_named,
+            "launches_unknown": self.names.launches_unknown,
+            "kernel_names_resolved": self.names.resolved_fraction,
+            "processes": self.discovery.counters.processes_seen,
+            "archive": self.archive.stats(),
+        }
+
+
+def build(config, probes, procfs, archive: ArchiveSink | None = None, observer: Observer | None = None,
+          clock: MonotonicToEpoch | None = None) -> Pipeline:
+    """Wire the stages. `probes` is a loaded bpf.Probes (or a double with the same methods)."""
+    p = Pipeline(probes, archive or NullArchive(), observer or NullObserver(), clock or MonotonicToEpoch(),
+                 attach_set=probe_table.selected(config.runtime))
+    p.names = KernelNames()
+    p.steps = StepTracker(config.steps, on_step=p.on_step, on_outlier=p.observer.on_outlier)
+    p.reader = RingReader(probes.read_batch, ev_mod.decode, deliver=p.on_events)
+    p.discovery = Discovery(config.selector, procfs, on_select=p.on_select, on_exit=p.on_exit,
+                            on_library=p.on_library, on_library_unused=p.on_library_unused,
+                            interval_s=config.discovery_interval_s, detach_grace_s=config.detach_grace_s)
+    return p

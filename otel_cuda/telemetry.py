@@ -1,0 +1,295 @@
+"""Resource, providers, OTLP exporters, the Prometheus endpoint, and the pipeline's observer.
+
+The traced service's spans carry the Resource of the process that made the calls (service.name of the traced
+service, process.*, host.name, k8s.*); its metrics carry an instance Resource with `process.pid` on each point
+(one Prometheus endpoint cannot hold a Resource per process). The sidecar's own counters use
+service.name=otel-cuda. Every exporter is configured by the standard OTEL_EXPORTER_OTLP_* variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, ExponentialBucketHistogramAggregation
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor
+
+from .discovery import ProcInfo
+from .events import Event
+from .join import BufferedStep, Joiner, StepBuffer
+from .metrics import CudaMetrics
+from .spans import StepSpans, Tracers
+from .steps import Step
+
+log = logging.getLogger(__name__)
+
+# Prometheus cannot take exponential histograms from this SDK: seconds buckets from 1 µs to 10 s there.
+SECONDS_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                   5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def otlp_configured(env: Mapping[str, str] = os.environ) -> bool:
+    return any(env.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                                    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+
+
+def _protocol(signal: str, env: Mapping[str, str]) -> str:
+    return env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+
+
+def otlp_span_exporter(env: Mapping[str, str] = os.environ):
+    if _protocol("TRACES", env) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
+def otlp_metric_reader(env: Mapping[str, str] = os.environ, interval_ms: int | None = None) -> MetricReader:
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    aggregation = {Histogram: ExponentialBucketHistogramAggregation()}
+    if _protocol("METRICS", env) == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return PeriodicExportingMetricReader(OTLPMetricExporter(preferred_aggregation=aggregation),
+                                         export_interval_millis=interval_ms)
+
+
+def prometheus_reader(registry, target_info: bool = True) -> MetricReader:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    reader = PrometheusMetricReader(disable_target_info=not target_info, registry=registry)
+    # The reader has no preferred_aggregation argument; explicit seconds buckets beat its default (0..10000).
+    reader._instrument_class_aggregation[Histogram] = ExplicitBucketHistogramAggregation(SECONDS_BUCKETS)
+    return reader
+
+
+def serve_prometheus(address: str, registry):
+    """Start /metrics on host:port; returns the server (for shutdown)."""
+    from prometheus_client import start_http_server
+
+    host, _, port = address.rpartition(":")
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve /metrics on {address}: {exc.strerror}") from None
+    return server
+
+
+def target_environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            pairs = f.read().split(b"\0")
+    except OSError:
+        return {}
+    out = {}
+    for pair in pairs:
+        k, sep, v = pair.partition(b"=")
+        if sep:
+            out[k.decode(errors="replace")] = v.decode(errors="replace")
+    return out
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    service_name: str | None = None  # of the traced service; None: the target's OTEL_SERVICE_NAME, else "vllm"
+    default_service_name: str = "vllm"
+    extra: Mapping[str, str] = field(default_factory=dict)  # k8s attributes known for the whole instance
+
+
+class Resources:
+    """Resource per traced process, built once when it is selected."""
+
+    def __init__(self, config: ResourceConfig, k8s_attributes: Callable[[int], dict] = lambda pid: {}):
+        self.config = config
+        self.k8s_attributes = k8s_attributes
+        self._by_pid: dict[int, Resource] = {}
+        self.host = socket.gethostname()
+
+    def service_name(self, pid: int | None = None) -> str:
+        if self.config.service_name:
+            return self.config.service_name
+        if pid is not None:
+            name = target_environ(pid).get("OTEL_SERVICE_NAME")
+            if name:
+                return name
+        return self.config.default_service_name
+
+    def instance(self) -> Resource:
+        return Resource.create({"service.name": self.service_name(), "host.name": self.host, **self.config.extra})
+
+    def for_pid(self, pid: int, info: ProcInfo | None = None) -> Resource:
+        res = self._by_pid.get(pid)
+        if res is None:
+            exe = ""
+            try:
+                exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+            except OSError:
+                pass
+            attrs = {"service.name": self.service_name(pid), "process.pid": pid, "host.name": self.host,
+                     **self.config.extra, **self.k8s_attributes(pid)}
+            if exe:
+                attrs["process.executable.name"] = exe
+            if info is not None and info.cmdline:
+                attrs["process.command_line"] = info.cmdline[:1024]
+            res = self._by_pid[pid] = Resource.create(attrs)
+        return res
+
+    def forget(self, pid: int) -> None:
+        self._by_pid.pop(pid, None)
+
+
+class SelfMetrics:
+    """otel_cuda.* counters of the sidecar itself (service.name=otel-cuda): nothing is dropped silently."""
+
+    def __init__(self, meter, read: Callable[[], dict[str, dict[str, int]]]):
+        self._read = read
+        meter.create_observable_counter("otel_cuda.events", [self._events], unit="{event}",
+                                        description="Events by outcome: processed, lost_ringbuf, dropped_queue, decode_error")
+        meter.create_observable_counter("otel_cuda.archive.records", [self._archive], unit="{record}",
+                                        description="Archive records by outcome: written, dropped_quota, dropped_retention")
+        meter.create_observable_counter("otel_cuda.join.requests", [self._join], unit="{request}",
+                                        description="Request spans joined, by outcome")
+        meter.create_observable_counter("otel_cuda.receiver.spans", [self._receiver], unit="{span}",
+                                        description="Spans received and forwarded, by outcome")
+        meter.create_observable_counter("otel_cuda.steps.evicted", [self._evicted], unit="{step}",
+                                        description="Buffered steps evicted before a request could claim them")
+
+    def _series(self, group: str, key: str = "outcome") -> Iterable[Observation]:
+        for outcome, n in self._read().get(group, {}).items():
+            yield Observation(n, {key: outcome})
+
+    def _events(self, _o: CallbackOptions):
+        return self._series("events")
+
+    def _archive(self, _o: CallbackOptions):
+        return self._series("archive")
+
+    def _join(self, _o: CallbackOptions):
+        return self._series("join")
+
+    def _receiver(self, _o: CallbackOptions):
+        return self._series("receiver")
+
+    def _evicted(self, _o: CallbackOptions):
+        yield Observation(self._read().get("steps_evicted", 0))
+
+
+class Telemetry:
+    """The pipeline's observer: metrics, step and outlier spans, the step buffer for the join."""
+
+    def __init__(self, meter_provider: MeterProvider, self_meter_provider: MeterProvider, span_processor: SpanProcessor,
+                 resources: Resources, kernel_maps, clock, joiner_config, top_k: int = 20,
+                 on_request: Callable[[dict], None] = lambda r: None):
+        self.meter_provider = meter_provider
+        self.self_meter_provider = self_meter_provider
+        self.resources = resources
+        self.kernel_maps = kernel_maps
+        self.clock = clock
+        self.tracers = Tracers(span_processor, resources.for_pid)
+        self.spans = StepSpans(self.tracers, clock)
+        self.metrics = CudaMetrics(meter_provider.get_meter("otel_cuda"), kernel_maps.stats, kernel_maps.live_bytes,
+                                   top_k)
+        self.steps = StepBuffer(joiner_config)
+        self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset, self.instance_pids,
+                             on_request=on_request)
+        self.processes: dict[int, ProcInfo] = {}
+        self.ancestors: dict[int, set[int]] = {}
+        self.pipeline = None
+        self.extra_counts: list[Callable[[], dict]] = []  # archive / receiver / forwarder stats
+        SelfMetrics(self_meter_provider.get_meter("otel_cuda.self"), self.self_counts)
+        self._stopped = False
+
+    def attach_pipeline(self, pipeline) -> None:
+        self.pipeline = pipeline
+
+    # -- Observer ----------------------------------------------------------------------------------------
+    def on_events(self, batch) -> None:
+        self.metrics.on_events(batch)
+
+    def on_idle(self, now_ns: int) -> None:
+        """The pipeline has processed every event stamped before now_ns: joins waiting on it may proceed."""
+        self.steps.advance(now_ns)
+
+    def on_step(self, step: Step) -> None:
+        self.metrics.on_step(step)
+        context = self.spans.on_step(step)
+        self.steps.add(BufferedStep(step.pid, step.start_ns, step.end_ns, step.launches, step.graph_launches,
+                                    step.memcpy_bytes, step.api_ns, step.sync_ns, context))
+
+    def on_outlier(self, ev: Event, kernel: str | None) -> None:
+        self.spans.on_outlier(ev, kernel)
+
+    def on_process(self, info: ProcInfo) -> None:
+        self.processes[info.pid] = info
+        self.ancestors[info.pid] = ancestors(info.pid)
+        self.resources.for_pid(info.pid, info)
+
+    def on_process_exit(self, info: ProcInfo) -> None:
+        self.metrics.retire(info.pid)
+        self.processes.pop(info.pid, None)
+        # Spans of its last steps may still be joined: keep its tracer and resource until shutdown.
+
+    def instance_pids(self, resource: dict) -> set[int] | None:
+        """Traced processes of the same instance as the API server that sent this resource; None = all."""
+        key = self.joiner.config.instance_key
+        if key == "host":
+            return None
+        api_pid = resource.get("vllm.process_id")
+        if key == "auto" and isinstance(api_pid, int):
+            children = {pid for pid, anc in self.ancestors.items() if api_pid in anc}
+            if children:
+                return children
+        for attr in (("k8s.pod.uid", "k8s.pod.name") if key in ("auto", "pod") else ("container.id",)):
+            want = resource.get(attr)
+            if want:
+                return {pid for pid in self.ancestors if self.resources.for_pid(pid).attributes.get(attr) == want}
+        return None
+
+    def self_counts(self) -> dict:
+        out: dict = {"events": {}, "join": {}, "steps_evicted": self.steps.evicted}
+        if self.pipeline is not None:
+            p = self.pipeline
+            out["events"] = {"processed": sum(p.totals.calls.values()), "lost_ringbuf": p.probes.lost(),
+                             "dropped_queue": p.totals.dropped_queue, "decode_error": p.reader.counters.decode_errors}
+        j = self.joiner.counters
+        out["join"] = {"joined": j.joined, "no_steps": j.no_steps, "no_latency_attributes": j.no_latency_attributes}
+        for extra in self.extra_counts:
+            out.update(extra())
+        return out
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.tracers.shutdown()
+        for provider in (self.meter_provider, self.self_meter_provider):
+            try:
+                provider.force_flush()
+            finally:
+                provider.shutdown()
+
+
+def ancestors(pid: int, proc: str = "/proc") -> set[int]:
+    """Parent, grandparent, ... of a process (vLLM's EngineCore and workers descend from the API server)."""
+    out: set[int] = set()
+    while pid > 1 and len(out) < 64:
+        try:
+            with open(f"{proc}/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        out.add(pid)
+    return out
+
+

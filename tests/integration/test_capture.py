@@ -1,0 +1,96 @@
+"""Real uprobes on the fake driver: what the sidecar captures equals what the workload says it did."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from support.harness import RunningSidecar, WORKLOAD, run_workload, start_workload
+
+pytestmark = pytest.mark.root
+
+
+def captured(pipeline, pid):
+    return {f: n for (p, f), n in pipeline.totals.by_pid.items() if p == pid}
+
+
+def metric_points(reader, name):
+    data = reader.get_metrics_data()
+    out = []
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name == name:
+                    out += list(m.data.data_points)
+    return out
+
+
+def test_multithreaded_workload_started_after_the_sidecar(probes, tmp_path):
+    sidecar = RunningSidecar(probes, match=r"workload .*--tag capture-mt", no_archive=False,
+                             archive=str(tmp_path / "archive"))
+    truth = run_workload("--tag", "capture-mt", "--threads", "4", "--steps", "12", "--launches", "6",
+                         "--graph-every", "3", "--start-delay-ms", "1500")
+    time.sleep(0.5)
+    summary = sidecar.stop()
+    pid = truth["pid"]
+    got = captured(sidecar.pipeline, pid)
+    assert got == {f: n for f, n in truth["calls"].items() if n}, "captured calls differ from the workload's own count"
+    assert summary["lost_ringbuf"] == 0 and summary["dropped_queue"] == 0 and summary["decode_errors"] == 0
+    assert sidecar.pipeline.names.launches_unknown == 0
+
+    # every line of the archive is a valid record; their count is what was captured
+    import gzip
+    lines = []
+    for f in sorted((tmp_path / "archive").rglob("*.jsonl*")):
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt") as fh:
+            lines += [json.loads(line) for line in fh]
+    cuda = [r for r in lines if r["type"] == "cuda_api" and r["pid"] == pid]
+    assert len(cuda) == sum(truth["calls"].values())
+    launches = Counter(r["kernel"] for r in cuda if r["func"] != "cuGraphLaunch" and r["func"].startswith("cuLaunch"))
+    assert dict(launches) == truth["launches_by_kernel"]
+    failed = Counter((r["func"], r["result"]) for r in cuda if r["result"] not in (None, "CUDA_SUCCESS"))
+    assert failed == Counter({(f, code): n for f, codes in truth["error_codes"].items() for code, n in codes.items()})
+    assert sum(1 for r in cuda if r["step"] is not None and r["func"] == "cuStreamSynchronize") >= truth["steps_total"]
+
+    # metrics from the kernel's aggregates agree with the ground truth
+    memcpy = {p.attributes["cuda.memcpy.kind"]: p.value for p in metric_points(sidecar.metrics, "cuda.memcpy.bytes")
+              if p.attributes["process.pid"] == pid}
+    assert {k: v for k, v in memcpy.items() if v} == {k: v for k, v in truth["bytes"].items() if v}
+    live = {p.attributes["cuda.memory.type"]: p.value for p in metric_points(sidecar.metrics, "cuda.memory.allocated")
+            if p.attributes["process.pid"] == pid}
+    assert live and all(v == 0 for v in live.values()), "everything allocated was freed"
+    steps = [s for s in sidecar.spans.get_finished_spans() if s.name == "cuda.step" and s.resource.attributes["process.pid"] == pid]
+    assert len(steps) == truth["steps_total"]
+    assert sum(s.attributes["cuda.launches"] for s in steps) == sum(truth["launches_by_kernel"].values())
+
+
+def test_attaches_to_a_running_process_by_pid(probes):
+    proc = start_workload("--tag", "capture-pid", "--threads", "2", "--steps", "5", "--launches", "3",
+                          "--start-delay-ms", "2500")
+    try:
+        sidecar = RunningSidecar(probes, pid=str(proc.pid))
+        truth = json.loads(proc.communicate(timeout=60)[0])
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+    sidecar.stop()
+    assert captured(sidecar.pipeline, proc.pid) == {f: n for f, n in truth["calls"].items() if n}
+
+
+def test_restart_and_filtering(probes):
+    sidecar = RunningSidecar(probes, match=r"--tag traced-one")
+    first = run_workload("--tag", "traced-one", "--threads", "1", "--steps", "4", "--start-delay-ms", "800")
+    other = start_workload("--tag", "not-traced", "--threads", "1", "--steps", "4", "--start-delay-ms", "800")
+    second = run_workload("--tag", "traced-one", "--threads", "2", "--steps", "3", "--start-delay-ms", "800")
+    other_truth = json.loads(other.communicate(timeout=60)[0])
+    time.sleep(0.3)
+    sidecar.stop()
+    assert captured(sidecar.pipeline, first["pid"]) == {f: n for f, n in first["calls"].items() if n}
+    assert captured(sidecar.pipeline, second["pid"]) == {f: n for f, n in second["calls"].items() if n}
+    assert captured(sidecar.pipeline, other_truth["pid"]) == {}, "a process that does not match is not traced"
+    assert sidecar.pipeline.discovery.counters.processes_exited >= 2

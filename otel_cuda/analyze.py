@@ -377,13 +377,13 @@ def render_text(report: dict) -> str:
 
     for mtype, m in report["memory"].items():
         out += ["", f"Memory ({mtype}): peak {_bytes(m['peak_bytes'])}"
-                    + (f" at +{m['peak_at_s']:.3f} s" if m["peak_at_s"] is not None else "")
+                    + (f" at +{m['peak_at_s']:.6f} s" if m["peak_at_s"] is not None else "")
                     + f", {_bytes(m['live_at_end_bytes'])} live at the end; {m['allocs']} allocs, {m['frees']} frees"
                     + (f" ({m['unmatched_frees']} of unknown size)" if m["unmatched_frees"] else "")]
         if m["timeline"]:
             peak = max(p[1] for p in m["timeline"]) or 1
             for t, live in m["timeline"]:
-                out.append(f"  +{t:9.3f} s {_bytes(live):>11} {'#' * round(40 * live / peak)}")
+                out.append(f"  +{t:12.6f} s {_bytes(live):>11} {'#' * round(40 * live / peak)}")
 
     k = report["kernels"]
     if k["launches"]:

@@ -365,16 +365,16 @@ class Archive:
             return False
         self._opened_at = self._clock()
         self._start_ms = int(self._opened_at * 1000)
-        while True:
+        raw = None
+        while raw is None:
             self._seq += 1
             rel = relative_key(self.config, self._start_ms, self._pid, self._run_id, self._seq)
             part = os.path.join(self._root, rel + PART)
             try:
                 os.makedirs(os.path.dirname(part), exist_ok=True)
+                if os.path.exists(part[:-len(PART)]):
+                    continue  # a name already used (same ms, pid and run): take the next seq
                 raw = open(part, "xb")  # exclusive: never append to someone else's file
-                break
-            except FileExistsError:
-                continue
             except OSError as e:
                 self._stats["lines_dropped_write_error"] += 1
                 self._log_error_rate_limited(f"archive: cannot create {part} ({e}); record dropped (counted)")
@@ -386,10 +386,9 @@ class Archive:
 
     def _drain_locked(self) -> None:
         if self._buf:
-            data = b"".join(self._buf)
+            self._sink.write(b"".join(self._buf))  # on OSError the batch stays, for _write_failed_locked to count
             self._buf.clear()
             self._buf_bytes = 0
-            self._sink.write(data)
 
     def _rotate_locked(self) -> None:
         """Finishes the current file: trailer, fsync, rename .part → final (atomic), index it."""
@@ -531,8 +530,10 @@ class Archive:
         cutoff_ms = (self._clock() - cfg.retention_days * 86400) * 1000
         victims: list[tuple[_Closed, str]] = []
         with self._lock:
-            entries = sorted((e for e in self._index.values() if not e.in_flight), key=lambda e: (e.start_ms, e.rel))
             total = sum(e.size for e in self._index.values()) + (self._sink.size if self._sink else 0)
+            if total <= cfg.quota_bytes and all(e.start_ms >= cutoff_ms for e in self._index.values()):
+                return  # the common case, without sorting thousands of files every tick
+            entries = sorted((e for e in self._index.values() if not e.in_flight), key=lambda e: (e.start_ms, e.rel))
             for e in entries:
                 if e.start_ms < cutoff_ms:
                     victims.append((e, "retention"))

@@ -27,7 +27,7 @@ class UsageError(Exception):
 PLUGINS = ("analyze", "timeline", "replay", "loadgen", "verify", "demo")
 
 
-def _preflight(settings: cfg.SidecarConfig) -> None:
+def _preflight(settings: cfg.SidecarConfig | None = None) -> None:
     """Fail early, with the remedy, on what would otherwise fail deep inside BCC."""
     checks = [doctor.check_privileges(), doctor.check_uprobes(), doctor.check_bcc()]
     bad = [c for c in checks if not c.ok]
@@ -150,3 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+_preflight_checks = _preflight

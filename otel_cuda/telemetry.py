@@ -45,12 +45,31 @@ def _protocol(signal: str, env: Mapping[str, str]) -> str:
     return env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
 
 
+def _endpoint(signal: str, env: Mapping[str, str]) -> dict:
+    """Exporter arguments from `env` (the exporters read os.environ themselves; the sidecar's settings may come
+    from elsewhere, e.g. the demo): the signal's endpoint as is, or the generic one (+ /v1/<signal> for HTTP)."""
+    specific = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+    generic = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    kwargs: dict = {}
+    if _protocol(signal.upper(), env) == "grpc":
+        if specific or generic:
+            kwargs["endpoint"] = specific or generic
+        insecure = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_INSECURE") or env.get("OTEL_EXPORTER_OTLP_INSECURE")
+        if insecure is not None:
+            kwargs["insecure"] = insecure.lower() == "true"
+        elif kwargs.get("endpoint", "").startswith("http://"):
+            kwargs["insecure"] = True
+    elif specific or generic:
+        kwargs["endpoint"] = specific or generic.rstrip("/") + f"/v1/{signal}"
+    return kwargs
+
+
 def otlp_span_exporter(env: Mapping[str, str] = os.environ):
     if _protocol("TRACES", env) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+    return OTLPSpanExporter(**_endpoint("traces", env))
 
 
 def otlp_metric_reader(env: Mapping[str, str] = os.environ, interval_ms: int | None = None) -> MetricReader:
@@ -61,7 +80,7 @@ def otlp_metric_reader(env: Mapping[str, str] = os.environ, interval_ms: int | N
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return PeriodicExportingMetricReader(OTLPMetricExporter(preferred_aggregation=aggregation),
+    return PeriodicExportingMetricReader(OTLPMetricExporter(preferred_aggregation=aggregation, **_endpoint("metrics", env)),
                                          export_interval_millis=interval_ms)
 
 

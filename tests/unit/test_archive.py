@@ -219,6 +219,15 @@ def test_close_is_idempotent_and_late_writes_are_counted(tmp_path):
     assert seqs(tmp_path) == [0]
 
 
+def test_a_file_that_cannot_be_created_drops_records_counted_not_raised(tmp_path):
+    (tmp_path / "node=n1").write_text("a file where the partition directory should be")
+    a = Archive(config(tmp_path))
+    for i in range(3):
+        a.write(rec(i))
+    a.close()
+    assert a.stats()["lines_dropped_write_error"] == 3 and a.stats()["lines_written"] == 0
+
+
 def test_one_writer_per_directory(tmp_path):
     a = Archive(config(tmp_path))
     with pytest.raises(RuntimeError, match="in use"):

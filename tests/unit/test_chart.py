@@ -75,7 +75,8 @@ VALUE_SETS: dict[str, dict] = {
                    "commonLabels": {"team": "ml"}},
     "privileged-opt-in": {"agent": {"security": {"privileged": True}}},
     "extra-capabilities": {"agent": {"security": {"extraCapabilities": ["SYS_ADMIN", "CAP_DAC_READ_SEARCH"],
-                                                  "seccompProfile": {"type": "Unconfined"}}}},
+                                                  "seccompProfile": {"type": "Unconfined"},
+                                                  "appArmorProfile": {"type": "Unconfined"}}}},
     "host-paths-minimal": {"agent": {"hostPaths": {"tracefs": False, "kernelHeaders": False}}},
     "host-paths-debugfs-writable": {"agent": {"hostPaths": {"debugfs": True, "tracefsWritable": True}}},
     "agent-extras": {"agent": {"extraArgs": ["--archive-rotate-seconds=30"], "resourceAttributes": {
@@ -490,3 +491,28 @@ def test_schema_covers_every_value():
                 walk(v, props[k], f"{path}{k}.")
 
     walk(DEFAULT_VALUES, schema, "")
+
+
+# --- the image ---------------------------------------------------------------------------------------------------
+def test_dockerfile_is_minimal_and_matches_the_chart():
+    dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (the Go Dockerfile parser)")
+    cmds = dockerfile.parse_file(str(ROOT / "Dockerfile"))
+    stages = [i for i, c in enumerate(cmds) if c.cmd == "FROM"]
+    assert len(stages) == 2 and all(cmds[i].value[0].startswith("debian:") for i in stages)
+    runtime = cmds[stages[1]:]
+    installs = " ".join(c.value[0] for c in runtime if c.cmd == "RUN")
+    assert "python3-bpfcc" in installs
+    for heavy in ("gcc", "clang", "build-essential", "linux-headers", "bpfcc-tools", "python3-pip"):
+        assert not re.search(rf"(?<![\w-]){re.escape(heavy)}(?![\w-])", installs), heavy
+    assert [c.value for c in runtime if c.cmd == "ENTRYPOINT"] == [("otel-cuda",)]
+    exposed = {int(p) for c in runtime if c.cmd == "EXPOSE" for p in c.value}
+    agent = DEFAULT_VALUES["agent"]
+    assert exposed == {agent["receiver"]["grpcPort"], agent["receiver"]["httpPort"], agent["metricsPort"],
+                       agent["healthPort"]}
+    assert "useradd" in installs + " ".join(c.value[0] for c in runtime if c.cmd == "RUN")
+    # Every path the build copies is let through .dockerignore.
+    ignore = (ROOT / ".dockerignore").read_text()
+    for c in cmds[:stages[1]]:
+        if c.cmd == "COPY":
+            for src in c.value[:-1]:
+                assert f"!{src.rstrip('/').replace('[', '').replace(']', '')}" in ignore.replace("/", ""), src

@@ -53,14 +53,12 @@ class FakeOpenAI:
                     number = len(fake.requests)
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    self._answer(body, number)
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
+                time.sleep(fake.delay_s)
+                with fake.lock:  # before answering: the client may send its next request as soon as it has this one
+                    fake.in_flight -= 1
+                self._answer(body, number)
 
             def _answer(self, body, number):
-                time.sleep(fake.delay_s)
                 if fake.fail_every and number % fake.fail_every == 0:
                     return self._json(500, {"object": "error", "message": "boom"})
                 chat = self.path == "/v1/chat/completions"

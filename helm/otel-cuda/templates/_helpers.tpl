@@ -234,11 +234,20 @@ securityContext:
   seccompProfile:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with $v.agent.security.appArmorProfile }}
+  appArmorProfile:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 volumeMounts:
   - name: otel-cuda-data
     mountPath: /var/lib/otel-cuda
+  # Writable scratch on a read-only root: BCC extracts kheaders and caches there.
   - name: otel-cuda-tmp
     mountPath: /tmp
+    subPath: tmp
+  - name: otel-cuda-tmp
+    mountPath: /var/tmp
+    subPath: var-tmp
   {{- if $v.agent.hostPaths.kernelHeaders }}
   - name: host-lib-modules
     mountPath: /lib/modules

@@ -549,6 +549,56 @@ int entry_cuLibraryGetKernel(struct pt_regs *ctx)
 }
 int return_cuLibraryGetKernel(struct pt_regs *ctx) { return name_return(ctx, OC_FN_cuLibraryGetKernel); }
 
+/* ---- processes: new ones are looked at at once, not at the next /proc scan ----------------------- */
+/* A polling discovery would miss the first calls of a process that loads libcuda right after exec (its
+ * kernel names with them); the exec event makes user space classify it within a ring-buffer wakeup. */
+
+static __always_inline void proc_event(u16 kind, u32 pid, u32 tid, u32 child, u8 selected)
+{
+    struct oc_proc *e = events.ringbuf_reserve(sizeof(struct oc_proc));
+    if (!e) {
+        count_lost();
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->h.type = OC_EV_PROC;
+    e->h.func = kind;
+    e->h.pid = pid;
+    e->h.tid = tid;
+    e->h.ts_ns = bpf_ktime_get_ns();
+    e->child_pid = child;
+    e->selected = selected;
+    events.ringbuf_submit(e, 0);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
+    proc_event(OC_PROC_EXEC, pid, tid, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 pid, tid;
+    if (!traced(&pid, &tid))
+        return 0;
+    u32 child = 0;
+    u8 selected = 0;
+#ifndef PIDNS_INO
+    /* New processes only (a new thread has the parent's tgid and is traced already). Without a pid
+     * namespace of our own the tracepoint's pid is ours too: select the child before it runs. */
+    child = args->child_pid;
+    u8 one = 1;
+    targets.update(&child, &one);
+    selected = 1;
+#endif
+    proc_event(OC_PROC_FORK, pid, tid, child, selected);
+    return 0;
+}
+
 /* ---- runtime layer (libcudart), optional ------------------------------------------------------- */
 /* A runtime call marks its thread so the driver call it makes is flagged nested and not counted twice. */
 

@@ -17,6 +17,12 @@ enum oc_event_type {
     OC_EV_LAUNCH = 2, /* struct oc_launch: cuLaunchKernel & co, cuGraphLaunch */
     OC_EV_NAME = 3,   /* struct oc_name: cuModuleGetFunction / cuLibraryGetKernel, with the name */
     OC_EV_SYS = 4,    /* struct oc_sys: system events around the GPU work (file I/O, mmap, scheduling) */
+    OC_EV_PROC = 5,   /* struct oc_proc: a process exec'd or forked: discovery looks at it at once */
+};
+
+enum oc_proc_kind {
+    OC_PROC_EXEC = 1, /* h.pid exec'd a new program */
+    OC_PROC_FORK = 2, /* h.pid forked child_pid; a traced parent's child is traced from its first instruction */
 };
 
 enum oc_layer {
@@ -135,7 +141,48 @@ struct oc_name {
     char name[OC_NAME_LEN];
 };
 
-/* System events (issue 6/6): args meaning per kind is in probes.py. */
+/* System events (bpf/sys_probes.bpf.c): h.func is an enum oc_sys_kind; the meaning of args per kind is in
+ * otel_cuda/system.py (SYS_ARGS) and below. Append only: kinds are archived. */
+enum oc_sys_kind {
+    OC_SYS_OPENAT = 1,      /* args: fd (= result), open flags, enum oc_file_kind, dirfd; path; failed opens too */
+    OC_SYS_READ = 2,        /* args: fd, bytes, calls, enum oc_file_kind; path; dur_ns = time inside the calls.
+                             * Consecutive reads of one file by one thread are coalesced: ts = the first one's entry */
+    OC_SYS_MMAP = 3,        /* args: fd, bytes, enum oc_file_kind, prot | flags << 32; result = address; path */
+    OC_SYS_MUNMAP = 4,      /* args: address, bytes, enum oc_file_kind, 0; path (of a file mapping seen mapped) */
+    OC_SYS_MLOCK = 5,       /* args: address, bytes, flags (mlock2), 0 */
+    OC_SYS_MUNLOCK = 6,     /* args: address, bytes, 0, 0 */
+    OC_SYS_DEVICE_OPEN = 7, /* an OC_SYS_OPENAT of /dev/nvidia*: same args */
+    OC_SYS_OFFCPU = 8,      /* args: enum oc_offcpu_class, prev_state as the sched_switch tracepoint reports it;
+                             * ts = switched out, dur_ns = off CPU until switched back in. Sent for D-state waits
+                             * and for any wait of at least OFFCPU_EVENT_NS; all of them are in sys_offcpu */
+    OC_SYS_WRITE = 9,       /* aggregates only (sys_stats): no events */
+    OC_SYS_MAX = 16,
+};
+
+/* What an opened file is, from its path (classified in the kernel at open). */
+enum oc_file_kind {
+    OC_FILE_OTHER = 0,
+    OC_FILE_WEIGHTS = 1, /* *.safetensors, *.bin, *.gguf, *.pt, *.pth */
+    OC_FILE_LIBRARY = 2, /* *.so, *.so.N... */
+    OC_FILE_DEVICE = 3,  /* /dev/nvidia* */
+    OC_FILE_UNKNOWN = 4, /* a descriptor opened before the process was traced (mmap only) */
+    OC_FILE_KINDS = 5,
+};
+
+/* Why a thread was off CPU (from sched_switch's prev_state). */
+enum oc_offcpu_class {
+    OC_OFFCPU_INVOLUNTARY = 0, /* preempted or yielded while runnable */
+    OC_OFFCPU_SLEEP = 1,       /* voluntary: interruptible sleep (S) and other states */
+    OC_OFFCPU_IO = 2,          /* voluntary: uninterruptible sleep (D): file reads, page faults of mapped files */
+};
+
+struct oc_proc {
+    struct oc_header h; /* func = enum oc_proc_kind */
+    __u32 child_pid;    /* fork: the child (0 when it cannot be named in the sidecar's pid namespace) */
+    __u8 selected;      /* fork: the child was selected in the kernel (its parent is traced) */
+    __u8 _pad0[3];
+};
+
 struct oc_sys {
     struct oc_header h;
     __u64 dur_ns;
@@ -168,6 +215,33 @@ enum oc_mem_type {
 struct oc_live_key {
     __u32 pid;
     __u32 mem_type; /* enum oc_mem_type */
+};
+
+/* System aggregates (sys_stats): per (pid, enum oc_sys_kind, enum oc_file_kind). */
+struct oc_sys_key {
+    __u32 pid;
+    __u16 func; /* enum oc_sys_kind: OPENAT, READ, WRITE, MMAP, MUNMAP */
+    __u16 file_kind;
+};
+
+struct oc_sys_stat {
+    __u64 calls;
+    __u64 errors;
+    __u64 bytes;
+    __u64 ns; /* time inside the calls */
+};
+
+/* Off-CPU aggregates (sys_offcpu): per thread and class. */
+struct oc_offcpu_key {
+    __u32 pid;
+    __u32 tid;
+    __u32 cls; /* enum oc_offcpu_class */
+    __u32 _pad0;
+};
+
+struct oc_offcpu {
+    __u64 ns;
+    __u64 count; /* context switches (counted when the thread is switched back in) */
 };
 
 #endif

@@ -332,8 +332,9 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 def render_text(report: dict) -> str:
     top = report.get("top", 15)
     i = report["input"]
-    out = [f"Archive: {i['records']} records ({', '.join(f'{k} {v}' for k, v in sorted(i['by_type'].items(), key=str))}),"
-           f" {i['processes']} processes, {i['threads']} threads, {i['wall_s']:.3f} s of wall time"]
+    types = ", ".join(f"{k} {v}" for k, v in sorted(i["by_type"].items(), key=str))
+    out = [f"Archive: {i['records']} records ({types}), {i['processes']} processes, {i['threads']} threads, "
+           f"{i['wall_s']:.3f} s of wall time"]
 
     funcs = report["functions"]
     if funcs:

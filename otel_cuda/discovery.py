@@ -165,6 +165,7 @@ class Discovery:
         self._unused_since: dict[tuple[int, int], float] = {}
         self.counters = DiscoveryCounters()
         self._tracked: dict[int, _Tracked] = {}
+        self._lock = threading.RLock()  # scan() runs on its thread, consider() on the pipeline's
         self._libraries: dict[tuple[int, int], Library] = {}
         self._self_pid = os.getpid()
 
@@ -188,7 +189,39 @@ class Discovery:
     def tracked(self) -> dict[int, ProcInfo]:
         return {pid: t.info for pid, t in self._tracked.items()}
 
+    def consider(self, pid: int, inherited: bool = False) -> None:
+        """Look at one process now (it just exec'd, or a traced process forked it: `inherited`, then it is
+        traced whatever its command line, as the kernel already does)."""
+        with self._lock:
+            if pid in self._tracked or pid == self._self_pid:
+                return
+            info = self.procfs.info(pid, self.library)
+            if info is None or not (inherited or self.selector.matches(info)):
+                return
+            self._track(info)
+
+    def _track(self, info: ProcInfo) -> "_Tracked":
+        known = self._tracked[info.pid] = _Tracked(info)
+        self.counters.processes_seen += 1
+        self.on_select(info)
+        self._note_libraries(known, info)
+        return known
+
+    def _note_libraries(self, known: "_Tracked", info: ProcInfo) -> None:
+        for lib in info.libraries:
+            if lib.identity not in self._libraries:
+                self._libraries[lib.identity] = lib
+                self.on_library(lib)
+        if not info.libraries and not known.reported_no_library:
+            known.reported_no_library = True
+            self.counters.without_library += 1
+            log.warning("process %d (%s) maps no CUDA library yet; it stays selected", info.pid, info.cmdline[:80])
+
     def scan(self) -> None:
+        with self._lock:
+            self._scan()
+
+    def _scan(self) -> None:
         seen: set[int] = set()
         for pid in self.procfs.pids():
             if pid == self._self_pid:
@@ -204,19 +237,10 @@ class Discovery:
                 continue
             seen.add(pid)
             if known is None:
-                known = self._tracked[pid] = _Tracked(info)
-                self.counters.processes_seen += 1
-                self.on_select(info)
+                self._track(info)
             else:
                 known.info = info
-            for lib in info.libraries:
-                if lib.identity not in self._libraries:
-                    self._libraries[lib.identity] = lib
-                    self.on_library(lib)
-            if not info.libraries and not known.reported_no_library:
-                known.reported_no_library = True
-                self.counters.without_library += 1
-                log.warning("process %d (%s) maps no CUDA library yet; it stays selected", pid, info.cmdline[:80])
+                self._note_libraries(known, info)
         for pid in [p for p in self._tracked if p not in seen]:
             self._forget(pid)
         self._release_unused()

@@ -16,7 +16,8 @@ OC_ARGS = 6
 OC_NAME_LEN = 256
 OC_HIST_BUCKETS = 32
 
-EV_CALL, EV_LAUNCH, EV_NAME, EV_SYS = 1, 2, 3, 4
+EV_CALL, EV_LAUNCH, EV_NAME, EV_SYS, EV_PROC = 1, 2, 3, 4, 5
+PROC_EXEC, PROC_FORK = 1, 2
 LAYER_DRIVER, LAYER_RUNTIME = 0, 1
 F_RETURN, F_NESTED, F_TRUNCATED = 1, 2, 4
 
@@ -81,6 +82,10 @@ class Sys(ct.Structure):
     ]
 
 
+class Proc(ct.Structure):
+    _fields_ = [("h", Header), ("child_pid", ct.c_uint32), ("selected", ct.c_uint8), ("_pad0", ct.c_uint8 * 3)]
+
+
 class StatKey(ct.Structure):
     _fields_ = [("pid", ct.c_uint32), ("func", ct.c_uint16), ("_pad0", ct.c_uint16)]
 
@@ -103,7 +108,8 @@ class Event(NamedTuple):
     """One probed call, decoded. `args` depends on `type`:
     EV_CALL: the six captured slots (meaning per function in probes.py);
     EV_LAUNCH: (handle, stream, grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_mem);
-    EV_NAME: (handle, parent, name address) with `name` set; EV_SYS: four slots (see sysprobes) with `name` = path."""
+    EV_NAME: (handle, parent, name address) with `name` set; EV_SYS: four slots (see system.py) with `name` = path;
+    EV_PROC: (child pid, selected in the kernel)."""
 
     type: int
     layer: int
@@ -132,6 +138,7 @@ _CALL = struct.Struct(_HEADER + "Qi4x" + "6Q")
 _LAUNCH = struct.Struct(_HEADER + "QiIQQ3I3I")
 _NAME = struct.Struct(_HEADER + "Qi4xQQQ%ds" % OC_NAME_LEN)
 _SYS = struct.Struct(_HEADER + "Qq4Q%ds" % OC_NAME_LEN)
+_PROC = struct.Struct(_HEADER + "IB3x")
 
 
 class DecodeError(ValueError):
@@ -162,9 +169,12 @@ def decode(data: bytes) -> Event:
         if kind == EV_SYS:
             t, layer, flags, func, pid, tid, ts, dur, res, a0, a1, a2, a3, path = _SYS.unpack_from(data)
             return Event(t, layer, flags, func, pid, tid, ts, dur, res, (a0, a1, a2, a3), _cstr(path))
+        if kind == EV_PROC:
+            t, layer, flags, func, pid, tid, ts, child, selected = _PROC.unpack_from(data)
+            return Event(t, layer, flags, func, pid, tid, ts, 0, 0, (child, selected))
     except struct.error as exc:
         raise DecodeError(f"record of type {kind} is {len(data)} bytes: {exc}") from None
     raise DecodeError(f"unknown record type {kind} ({len(data)} bytes)")
 
 
-SIZES = {EV_CALL: _CALL.size, EV_LAUNCH: _LAUNCH.size, EV_NAME: _NAME.size, EV_SYS: _SYS.size}
+SIZES = {EV_CALL: _CALL.size, EV_LAUNCH: _LAUNCH.size, EV_NAME: _NAME.size, EV_SYS: _SYS.size, EV_PROC: _PROC.size}

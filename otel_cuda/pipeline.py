@@ -150,6 +150,13 @@ class Pipeline:
         offset = self.clock.offset()
         annotated = []
         for ev in batch:
+            if ev.type == ev_mod.EV_PROC:
+                if ev.func == ev_mod.PROC_FORK:
+                    if ev.args[0]:
+                        self.discovery.consider(ev.args[0], inherited=True)
+                else:
+                    self.discovery.consider(ev.pid)
+                continue
             if ev.type == ev_mod.EV_SYS:
                 annotated.append((ev, None, None))
                 continue

@@ -145,7 +145,7 @@ def open_archive(destination: str | None, options: dict, env: Mapping[str, str] 
             raise StartError(f"archive directory {destination} is not writable: {exc.strerror}") from None
     try:
         return Archive(config)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # RuntimeError: another writer holds the directory's lock
         raise StartError(f"cannot open the archive at {destination}: {exc}") from None
 
 
@@ -214,7 +214,13 @@ def start(settings: SidecarConfig, probes, procfs=None, env: Mapping[str, str] =
     telemetry.attach_pipeline(pipeline)
     telemetry.joiner.on_request = pipeline.archive_record
     if archive is not None:
-        telemetry.extra_counts.append(lambda: {"archive": _archive_outcomes(archive.stats())})
+        def archive_counts() -> dict:
+            stats = archive.stats()
+            return {"archive": _archive_outcomes(stats), "archive_pending_bytes": stats.get("pending_bytes", 0),
+                    "archive_uploads": {"uploaded": stats.get("files_uploaded", 0),
+                                        "failed": stats.get("upload_failures", 0)}}
+
+        telemetry.extra_counts.append(archive_counts)
 
     receiver = forwarder = None
     grpc_address, http_address = _address(opts["receiver_grpc"]), _address(opts["receiver_http"])
@@ -252,8 +258,13 @@ def _same_address(endpoint: str, address: str | None) -> bool:
 
 
 def _archive_outcomes(stats: dict) -> dict:
-    return {"written": stats.get("lines_written", 0), "dropped_quota": stats.get("lines_dropped_quota", 0),
-            "dropped_retention": stats.get("lines_dropped_retention", 0)}
+    """Every line the archive did not deliver, by reason (docs/archive.md)."""
+    out = {"written": stats.get("lines_written", 0)}
+    for key, n in stats.items():
+        if key.startswith("lines_dropped_"):
+            out["dropped_" + key.removeprefix("lines_dropped_")] = n
+    out["dropped_partial_line"] = stats.get("partial_lines_dropped", 0)
+    return out
 
 
 def _receiver_outcomes(receiver, forwarder) -> dict:

@@ -183,6 +183,10 @@ class SelfMetrics:
                                         description="Spans received and forwarded, by outcome")
         meter.create_observable_counter("otel_cuda.steps.evicted", [self._evicted], unit="{step}",
                                         description="Buffered steps evicted before a request could claim them")
+        meter.create_observable_counter("otel_cuda.archive.uploads", [self._uploads], unit="{file}",
+                                        description="Archive files uploaded to S3 and failed upload attempts")
+        meter.create_observable_gauge("otel_cuda.archive.pending", [self._pending], unit="By",
+                                      description="Archive bytes on local disk waiting for upload")
 
     def _series(self, group: str, key: str = "outcome") -> Iterable[Observation]:
         for outcome, n in self._read().get(group, {}).items():
@@ -199,6 +203,12 @@ class SelfMetrics:
 
     def _receiver(self, _o: CallbackOptions):
         return self._series("receiver")
+
+    def _uploads(self, _o: CallbackOptions):
+        return self._series("archive_uploads")
+
+    def _pending(self, _o: CallbackOptions):
+        yield Observation(self._read().get("archive_pending_bytes", 0))
 
     def _evicted(self, _o: CallbackOptions):
         yield Observation(self._read().get("steps_evicted", 0))

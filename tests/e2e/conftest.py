@@ -1,6 +1,6 @@
 """End-to-end fixtures: a real vLLM (the CPU build in .venv-vllm) serving a tiny locally built Llama.
 
-`bash scripts/setup-vllm.sh` makes .venv-vllm. Without it these tests are skipped, with the reason, unless
+`bash scripts/setup-vllm.sh` makes .venv-vllm (OTEL_CUDA_VLLM_VENV names another). Without it these tests are skipped, with the reason, unless
 OTEL_CUDA_REQUIRE_VLLM is set (CI sets it): then a missing or broken vLLM fails them.
 
     def test_x(start_vllm):
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_VENV = Path(os.environ.get("OTEL_CUDA_VLLM_VENV", ROOT / ".venv-vllm"))  # setup-vllm.sh: VLLM_VENV=…
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 MODEL_DIR = Path(os.environ.get("OTEL_CUDA_TINY_LLAMA", ROOT / ".cache" / "tiny-llama"))
 MODEL_NAME = "tiny-llama"
 READY_TIMEOUT_S = 180  # measured: 65–86 s on a 2-core machine
@@ -38,12 +39,12 @@ def _skip_or_fail(reason: str):
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
     if not VLLM_PYTHON.exists():
-        _skip_or_fail(f"{VLLM_PYTHON.parent.parent} is missing: run bash scripts/setup-vllm.sh")
+        _skip_or_fail(f"{VLLM_VENV} is missing: run bash scripts/setup-vllm.sh")
     check = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm; from transformers import LlamaConfig"],
                            capture_output=True, text=True, timeout=300)
     if check.returncode != 0:
         tail = (check.stderr.strip().splitlines() or ["?"])[-1]
-        _skip_or_fail(f".venv-vllm cannot import vllm ({tail}): rm -rf .venv-vllm and run bash scripts/setup-vllm.sh")
+        _skip_or_fail(f"{VLLM_VENV} cannot import vllm ({tail}): remove it and run bash scripts/setup-vllm.sh")
     return VLLM_PYTHON
 
 

@@ -1,6 +1,7 @@
 """A sidecar stand-in for the SIGKILL test: an Archive writing numbered records to a real S3 server.
 
-    archive_child.py write ENDPOINT BUCKET PREFIX BUFFER_DIR --count N --tail M --block {before-put,after-put,after-head}
+    archive_child.py write ENDPOINT BUCKET PREFIX BUFFER_DIR --count N --tail M \
+        --block {before-put,after-put,after-head}
         writes records seq 0..N-1 in batches, calling flush() after each batch and printing `FLUSHED <seq>` (every
         record up to <seq> is durable), then M more records without a flush (`TAIL <last seq>`), then waits to be
         killed. The --block hook holds the uploader inside its second upload (`BLOCKED` once it is there):

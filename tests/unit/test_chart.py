@@ -43,7 +43,7 @@ VALUE_SETS: dict[str, dict] = {
     "daemonset-hostport-no-service": {"mode": "daemonset", "daemonset": {"hostPort": True,
                                                                           "receiverService": {"enabled": False}}},
     "daemonset-k8s-off": {"mode": "daemonset", "agent": {"k8sAttributes": "off", "podSelector": ""}},
-    "sidecar-plain-container": {"agent": {"nativeSidecar": False}},
+    "sidecar-plain-container": {"agent": {"nativeSidecar": False, "sidecarReadiness": True}},
     "sidecar-http-protocol": {"agent": {"otlp": {"protocol": "http/protobuf"}}},
     "existing-backends": {
         "agent": {"otlp": {"endpoint": "http://otel-collector.observability:4317"}},
@@ -326,7 +326,7 @@ def test_privileged_and_extra_capabilities_are_opt_in(kube):
 def test_documented_capabilities_match_the_docs():
     # The set is stated in values.yaml and docs/kubernetes.md; a change must change them together.
     for text in ((CHART / "values.yaml").read_text(), (ROOT / "docs" / "kubernetes.md").read_text()):
-        assert "BPF, PERFMON, SYS_PTRACE, SYS_RESOURCE" in text
+        assert "BPF, PERFMON, SYS_PTRACE, SYS_RESOURCE" in re.sub(r"\s+", " ", text.replace("# ", ""))
 
 
 # --- what each mode wires -------------------------------------------------------------------------------------
@@ -352,8 +352,9 @@ def test_sidecar_mode_wiring(kube):
     assert env["K8S_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
     assert env["K8S_CONTAINER_NAME"]["value"] == "vllm"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].endswith("-collector:4317")
-    assert agent["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert agent["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "readinessProbe" not in agent  # a tracing problem must not take vLLM out of its Service
     assert not by_kind(docs, "DaemonSet")
     assert not [r for r in by_kind(docs, "ClusterRole") if "collector" not in r["metadata"]["name"]]
 
@@ -367,6 +368,7 @@ def test_daemonset_mode_wiring(kube):
     args = agent["args"]
     assert "--k8s=api" in args and "--pod-selector=app.kubernetes.io/component=inference" in args
     assert "--receiver-grpc=0.0.0.0:4317" in args
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "K8S_POD_NAME" not in {e["name"] for e in agent["env"]}
     # RBAC: read pods, nothing else.
     [role] = [r for r in by_kind(docs, "ClusterRole") if "collector" not in r["metadata"]["name"]]
@@ -516,3 +518,17 @@ def test_dockerfile_is_minimal_and_matches_the_chart():
         if c.cmd == "COPY":
             for src in c.value[:-1]:
                 assert f"!{src.rstrip('/').replace('[', '').replace(']', '')}" in ignore.replace("/", ""), src
+
+
+@pytest.mark.parametrize("name", ["default", "daemonset", "archive-s3-secret", "agent-extras", "sidecar-http-protocol"])
+def test_agent_command_line_is_what_otel_cuda_accepts(name, kube):
+    """The rendered `otel-cuda run ...` parses and resolves with the sidecar's own CLI and settings."""
+    from otel_cuda import cli, config
+
+    agent = agent_container(install(kube, VALUE_SETS[name])[0])
+    env = {e["name"]: e.get("value", "from-the-cluster") for e in agent["env"]}
+    args = cli.parser().parse_args(agent["args"])  # SystemExit on an unknown flag
+    assert args.command == "run"
+    settings = config.resolve(args, env)
+    assert settings.options["k8s"] in ("downward", "api")
+    assert settings.options["metrics_address"].endswith(f":{DEFAULT_VALUES['agent']['metricsPort']}")

@@ -16,6 +16,7 @@ STRUCTS = {
     "oc_launch": events.Launch,
     "oc_name": events.Name,
     "oc_sys": events.Sys,
+    "oc_proc": events.Proc,
     "oc_stat_key": events.StatKey,
     "oc_stat": events.Stat,
     "oc_live_key": events.LiveKey,
@@ -58,6 +59,7 @@ def test_decode_formats_cover_whole_structs():
         events.EV_LAUNCH: ctypes.sizeof(events.Launch),
         events.EV_NAME: ctypes.sizeof(events.Name),
         events.EV_SYS: ctypes.sizeof(events.Sys),
+        events.EV_PROC: ctypes.sizeof(events.Proc),
     }
 
 

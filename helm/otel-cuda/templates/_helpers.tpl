@@ -143,6 +143,7 @@ args:
   - --archive-quota-bytes={{ int64 $v.agent.archive.quotaBytes }}
   - --archive-rotate-seconds={{ $v.agent.archive.rotateSeconds }}
   - --archive-retention-days={{ $v.agent.archive.retentionDays }}
+  - --log-level={{ $v.agent.logLevel }}
   {{- range $v.agent.extraArgs }}
   - {{ . | quote }}
   {{- end }}
@@ -211,9 +212,11 @@ startupProbe:
 livenessProbe:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if or $daemon $v.agent.sidecarReadiness }}
 {{- with $v.agent.probes.readiness }}
 readinessProbe:
   {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 resources:
   {{- toYaml $v.agent.resources | nindent 2 }}

@@ -1,0 +1,391 @@
+"""Shared pieces of the benchmark suites: the micro-benchmark driver process, the empty "floor" BPF programs,
+the seed's bpftrace design, and the real sidecar running in-process as the consumer.
+
+Everything here measures on the fake driver (testbed/build/libcuda.so.1). On the 2-core development machines a
+uprobe trap costs 20-30 us (nested virtualisation), so only ratios measured in one run mean anything there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUILD = ROOT / "testbed" / "build"
+DRIVER = BUILD / "bench_driver"
+LIBCUDA = BUILD / "libcuda.so.1"
+SYMBOL = {"launch": "cuLaunchKernel", "sync": "cuStreamSynchronize", "htod": "cuMemcpyHtoD_v2"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_testbed() -> None:
+    subprocess.run(["make", "-s", "-C", str(ROOT / "testbed")], check=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def cpu_self() -> float:
+    """CPU seconds of this process, all threads, user + system (the in-process sidecar is most of it)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds of another process (utime + stime of all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> dict:
+    u = os.uname()
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"uname": f"{u.sysname} {u.nodename} {u.release} {u.version} {u.machine}", "nproc": os.cpu_count(),
+            "cpu": model, "python": sys.version.split()[0], "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+# ---- the micro-benchmark process ------------------------------------------------------------------------------
+
+class Driver:
+    """testbed/build/bench_driver --serve, pinned to `cpus`: one process, one call site, for every variant."""
+
+    def __init__(self, cpus: str = "1", env: dict | None = None):
+        full_env = {**os.environ, "FAKE_CUDA_SYNC_US": "0", **(env or {})}
+        cmd = [str(DRIVER), "--serve"]
+        if cpus:
+            cmd = ["taskset", "-c", cpus] + cmd
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env)
+        ready = json.loads(self.proc.stdout.readline())
+        self.pid = ready["pid"]
+        st = os.stat(LIBCUDA)
+        self.lib_identity = (st.st_dev, st.st_ino)
+        self.lib_path = str(LIBCUDA)
+
+    def _ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.readline()
+        if not out:
+            raise RuntimeError(f"bench_driver exited (rc {self.proc.poll()})")
+        return json.loads(out)
+
+    def run(self, func: str, n: int, rate: float = 0, threads: int = 1) -> dict:
+        return self._ask(f"run {func} {n} {rate} {threads}")
+
+    def name(self) -> None:
+        self._ask("name")
+
+    def set_cpus(self, cpus: str) -> None:
+        """Re-pin every thread of the driver (threads it starts later inherit the process's mask)."""
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(self.pid)], check=True, capture_output=True)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(5)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
+# ---- the floors: empty BPF programs ---------------------------------------------------------------------------
+
+FLOOR_PROGRAM = r"""
+#include <uapi/linux/ptrace.h>
+int e(struct pt_regs *ctx) { return 0; }
+int r(struct pt_regs *ctx) { return 0; }
+"""
+
+
+class EmptyProbes:
+    """`int e(void *ctx) { return 0; }` (and its return twin) attached with BCC: what a uprobe costs at least."""
+
+    def __init__(self):
+        from bcc import BPF
+
+        self.bpf = BPF(text=FLOOR_PROGRAM)
+        self._attached: list[tuple[str, str, bool]] = []
+
+    def attach(self, lib: str, sym: str, returns: bool) -> None:
+        self.bpf.attach_uprobe(name=lib.encode(), sym=sym.encode(), fn_name=b"e")
+        self._attached.append((lib, sym, False))
+        if returns:
+            self.bpf.attach_uretprobe(name=lib.encode(), sym=sym.encode(), fn_name=b"r")
+            self._attached.append((lib, sym, True))
+
+    def detach(self) -> None:
+        for lib, sym, ret in self._attached:
+            if ret:
+                self.bpf.detach_uretprobe(name=lib.encode(), sym=sym.encode())
+            else:
+                self.bpf.detach_uprobe(name=lib.encode(), sym=sym.encode())
+        self._attached = []
+
+    def close(self) -> None:
+        self.detach()
+        self.bpf.cleanup()
+
+
+# ---- the seed's design: bpftrace printing one JSON line per call ----------------------------------------------
+
+# What the seeds run: a uprobe per driver function that prints one JSON line per call in bpftrace's user space,
+# the process picked by pid, the output a file shipped to S3 later. Entry-only for the launch (the cheapest form
+# of the design); the fields are the seeds' archive fields (ts, pid, tid, type, func, phase).
+SEED_SCRIPT = r"""
+uprobe:%(lib)s:%(sym)s /pid == %(pid)d/
+{
+  printf("{\"ts\":%%lld,\"pid\":%%d,\"tid\":%%d,\"type\":\"cuda_api\",\"func\":\"%(sym)s\",\"phase\":\"entry\"}\n",
+         nsecs, pid, tid);
+}
+"""
+
+
+class SeedBpftrace:
+    """One bpftrace run on `sym` of `lib` for process `pid`, its output in a file. Lost events: what bpftrace
+    says on stderr ("Lost N events") and, independently, calls made minus lines written."""
+
+    def __init__(self, lib: str, sym: str, pid: int, cpus: str = "0", workdir: str | None = None):
+        self.dir = workdir or tempfile.mkdtemp(prefix="bench-seed-")
+        self.script = os.path.join(self.dir, "seed.bt")
+        self.out = os.path.join(self.dir, "seed.jsonl")
+        self.err = os.path.join(self.dir, "seed.err")
+        self.sym = sym
+        with open(self.script, "w") as f:
+            f.write(SEED_SCRIPT % {"lib": lib, "sym": sym, "pid": pid})
+        cmd = ["bpftrace", "-o", self.out, self.script]
+        if cpus:
+            cmd = ["taskset", "-c", cpus] + cmd
+        self._err_f = open(self.err, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err_f)
+
+    def lines(self) -> int:
+        try:
+            with open(self.out, "rb") as f:
+                return sum(1 for line in f if line.startswith(b"{"))
+        except FileNotFoundError:
+            return 0
+
+    def wait_attached(self, poke, timeout: float = 60.0) -> int:
+        """Call poke() (one call of the probed function) until a line shows up; returns the pokes made."""
+        deadline = time.monotonic() + timeout
+        pokes = 0
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bpftrace exited: {open(self.err).read().strip()}")
+            poke()
+            pokes += 1
+            time.sleep(0.2)
+            if self.lines() > 0:
+                return pokes
+        raise RuntimeError("bpftrace did not attach in time")
+
+    def cpu(self) -> float:
+        return cpu_of(self.proc.pid)
+
+    def wait_output(self, expected: int, quiet_s: float = 1.0, timeout: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = self.lines()
+            if n >= expected:
+                return n
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since > quiet_s:
+                return n
+            time.sleep(0.05)
+        return self.lines()
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._err_f.close()
+        err = open(self.err).read()
+        reported = sum(int(n) for n in re.findall(r"Lost (\d+) events", err))
+        return {"lines": self.lines(), "reported_lost": reported, "stderr": err.strip()[-500:]}
+
+
+# ---- the real sidecar, in-process ----------------------------------------------------------------------------
+
+def have_otel() -> bool:
+    try:
+        import opentelemetry.sdk  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OneProcess:
+    """A /proc double that shows the sidecar's discovery one process, with no library: discovery selects it in
+    the kernel (targets map) and the benchmark attaches exactly the probes a variant measures."""
+
+    def __init__(self, pid: int):
+        from otel_cuda.discovery import ProcInfo
+
+        self.info_ = ProcInfo(pid, f"bench_driver {pid}", (), 1, ())
+        self.pid = pid
+
+    def pids(self):
+        return [self.pid]
+
+    def info(self, pid, library=None):
+        return self.info_ if pid == self.pid else None
+
+
+def sidecar_settings(pid: int, archive_dir: str | None):
+    from otel_cuda import config as cfg
+
+    args = argparse.Namespace(**{o.name: None for o in cfg.OPTIONS})
+    values = dict(pid=(pid,), metrics_address="off", health_address="off", receiver_grpc="off", receiver_http="off",
+                  detach_grace=3600.0, discovery_interval=0.2)
+    if archive_dir:
+        values["archive"] = archive_dir
+    else:
+        values["no_archive"] = True
+    for k, v in values.items():
+        setattr(args, k, v)
+    return cfg.resolve(args, env={})
+
+
+class InProcessSidecar:
+    """The sidecar's stages built as `otel-cuda run` builds them (sidecar.start: telemetry with an in-memory
+    metric reader, archive to a directory when asked), or, without opentelemetry, pipeline.build() with the null
+    observer. run() in a thread consumes the ring buffer exactly as the real sidecar's main loop does."""
+
+    def __init__(self, probes, pid: int, archive_dir: str | None = None, full: bool = True):
+        self.probes = probes
+        self.pid = pid
+        settings = sidecar_settings(pid, archive_dir)
+        procfs = OneProcess(pid)
+        self.full = full and have_otel()
+        if self.full:
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+            from opentelemetry.sdk.trace import SpanProcessor
+
+            from otel_cuda.sidecar import start
+
+            self.sidecar = start(settings, probes, procfs=procfs, env={}, span_processor=SpanProcessor(),
+                                 metric_readers=[InMemoryMetricReader()], self_metric_readers=[InMemoryMetricReader()])
+            self.pipeline = self.sidecar.pipeline
+        else:
+            from otel_cuda.pipeline import build
+
+            archive = None
+            if archive_dir:
+                from otel_cuda.archive import Archive, ArchiveConfig
+
+                archive = Archive(ArchiveConfig(destination=archive_dir))
+            self.sidecar = None
+            self.pipeline = build(settings, probes, procfs, archive=archive)
+        self.kind = ("sidecar (telemetry" if self.full else "pipeline (null observer") + (
+            ", archive on)" if archive_dir else ", archive off)")
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    # running as the sidecar does
+    def start(self) -> None:
+        if self.full:
+            target = self.sidecar.run
+        else:
+            def target(stop):
+                self.pipeline.start()
+                try:
+                    self.pipeline.run(stop)
+                finally:
+                    self.pipeline.close()
+        self.thread = threading.Thread(target=target, args=(self.stop_event,), name="sidecar", daemon=True)
+        self.thread.start()
+        self.pipeline.ready.wait(10)
+        deadline = time.monotonic() + 5
+        while self.pid not in self.pipeline.discovery.tracked and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(120)
+        elif self.sidecar is not None:
+            self.sidecar.close()
+        else:
+            self.pipeline.close()
+        return self.pipeline.summary()
+
+    # counters
+    def records(self) -> int:
+        return self.pipeline.reader.counters.records
+
+    def archived(self) -> int:
+        return self.pipeline.totals.archived
+
+    def dropped(self) -> int:
+        return self.pipeline.totals.dropped_queue + self.pipeline.reader.counters.decode_errors
+
+    def wait_records(self, target: int, archive: bool = False, timeout: float = 30.0, quiet_s: float = 2.0) -> int:
+        """Wait until `target` records were read (and archived, if asked) or nothing moved for quiet_s."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = self.records()
+            done = n >= target and (not archive or self.archived() + self.pipeline.totals.dropped_queue >= n)
+            if done:
+                return n
+            progress = n + (self.archived() if archive else 0)
+            if progress != last:
+                last, since = progress, time.monotonic()
+            elif time.monotonic() - since > quiet_s:
+                return n
+            time.sleep(0.005)
+        return self.records()
+
+
+def load_probes(ringbuf_pages: int | None = None):
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    config = BpfConfig() if ringbuf_pages is None else BpfConfig(ringbuf_pages=ringbuf_pages)
+    return Probes(config)
+
+
+def probe(symbol: str):
+    from otel_cuda.probes import BY_SYMBOL
+
+    return BY_SYMBOL[symbol]
+
+
+@dataclass
+class Pinning:
+    tracer: str = "0"
+    workload: str = "1"
+
+
+def pin_self(cpus: str) -> None:
+    """Pin this process (threads started later inherit it): the tracer's side of the machine."""
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})

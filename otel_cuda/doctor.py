@@ -42,8 +42,11 @@ def check_privileges() -> Check:
                  "run as root (sudo otel-cuda ...) or grant CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE")
 
 
-def tracefs_dir() -> str | None:
-    for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def tracefs_dir(dirs: tuple[str, ...] = TRACEFS_DIRS) -> str | None:
+    for d in dirs:
         if os.path.exists(f"{d}/uprobe_events"):
             return d
     return None
@@ -57,10 +60,10 @@ def check_tracefs() -> Check:
                  "mount -t tracefs nodev /sys/kernel/tracing (or run scripts/setup.sh)")
 
 
-def check_uprobes() -> Check:
-    if os.path.exists("/sys/bus/event_source/devices/uprobe/type"):
+def check_uprobes(sysfs: str = "/sys", tracefs_dirs: tuple[str, ...] = TRACEFS_DIRS) -> Check:
+    if os.path.exists(f"{sysfs}/bus/event_source/devices/uprobe/type"):
         return Check("uprobes", True, "uprobe PMU present")
-    if tracefs_dir():
+    if tracefs_dir(tracefs_dirs):
         return Check("uprobes", True, "uprobe_events present")
     return Check("uprobes", False, "this kernel offers no uprobes",
                  "use a kernel built with CONFIG_UPROBES=y and CONFIG_UPROBE_EVENTS=y")

@@ -27,6 +27,7 @@ from .names import KernelNames
 from .records import symbol, to_record
 from .source import RingReader
 from .steps import Step, StepTracker
+from .system import sys_record
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,10 @@ class Pipeline:
                 continue
             if ev.type == ev_mod.EV_SYS:
                 annotated.append((ev, None, None))
+                try:
+                    self.events_to_archive.put_nowait(sys_record(ev, offset))
+                except queue.Full:
+                    totals.dropped_queue += 1
                 continue
             ev = names.observe(ev)
             kernel = names.name_of_launch(ev)

@@ -27,6 +27,7 @@ from .events import Event
 from .join import BufferedStep, Joiner, StepBuffer
 from .metrics import CudaMetrics
 from .spans import StepSpans, Tracers
+from .system import SystemView
 from .steps import Step
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,7 @@ class Telemetry:
         self.spans = StepSpans(self.tracers, clock)
         self.metrics = CudaMetrics(meter_provider.get_meter("otel_cuda"), kernel_maps.stats, kernel_maps.live_bytes,
                                    top_k)
+        self.system = SystemView(self.tracers, clock, meter_provider.get_meter("otel_cuda"), kernel_maps)
         self.steps = StepBuffer(joiner_config)
         self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset, self.instance_pids,
                              on_request=on_request)
@@ -245,10 +247,12 @@ class Telemetry:
     # -- Observer ----------------------------------------------------------------------------------------
     def on_events(self, batch) -> None:
         self.metrics.on_events(batch)
+        self.system.on_events(batch)
 
     def on_idle(self, now_ns: int) -> None:
         """The pipeline has processed every event stamped before now_ns: joins waiting on it may proceed."""
         self.steps.advance(now_ns)
+        self.system.on_idle(now_ns)
 
     def on_step(self, step: Step) -> None:
         self.metrics.on_step(step)
@@ -263,9 +267,11 @@ class Telemetry:
         self.processes[info.pid] = info
         self.ancestors[info.pid] = ancestors(info.pid)
         self.resources.for_pid(info.pid, info)
+        self.system.on_process(info)
 
     def on_process_exit(self, info: ProcInfo) -> None:
         self.metrics.retire(info.pid)
+        self.system.on_process_exit(info)
         self.processes.pop(info.pid, None)
         # Spans of its last steps may still be joined: keep its tracer and resource until shutdown.
 
@@ -301,6 +307,7 @@ class Telemetry:
         if self._stopped:
             return
         self._stopped = True
+        self.system.shutdown()  # model-load spans of processes still loading end now
         self.tracers.shutdown()
         for provider in (self.meter_provider, self.self_meter_provider):
             try:

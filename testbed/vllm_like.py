@@ -19,8 +19,12 @@ It reproduces what otel-cuda has to join, with known answers:
 Usage
   python testbed/vllm_like.py serve --port 8000 --otlp-traces-endpoint http://127.0.0.1:4317 \
       --ground-truth /tmp/gt.json [--host 127.0.0.1] [--model vllm-like] [--max-batch 8] \
-      [--prefill-launches 30] [--decode-launches 12] [--graph-decode] [--sync-us 2000] [--libcuda PATH]
+      [--prefill-launches 30] [--decode-launches 12] [--graph-decode] [--sync-us 2000] [--load-delay 0]
+      [--libcuda PATH]
   (`engine` is the subcommand the server spawns itself; it speaks JSON lines on stdin/stdout.)
+  Kernel names reach a sidecar only if it attached before cuModuleGetFunction / cuLibraryGetKernel ran: the engine
+  maps libcuda and calls cuInit at once, then waits --load-delay seconds before loading kernels (give ~2 s when
+  the sidecar starts with or after the server; it attaches within a second of libcuda being mapped).
 
   HTTP: POST /v1/completions, POST /v1/chat/completions (`stream: true` → SSE, `stream_options.include_usage`),
   GET /health, GET /v1/models, GET /debug/ground_truth. Headers: `traceparent`/`tracestate` (W3C),
@@ -223,6 +227,7 @@ class EngineConfig:
     decode_launches: int = 12
     graph_decode: bool = False
     sync_us: int = DEFAULT_SYNC_US
+    load_delay_s: float = 0.0
     weight_bytes: int = 4 << 20
     kv_cache_bytes: int = 64 << 20
 
@@ -266,6 +271,8 @@ class GpuModel:
 
     def setup(self):
         self._phase("Init device", self._init)
+        if self.cfg.load_delay_s > 0:  # what a real engine spends importing torch and reading weights
+            self._phase("Initialize model", lambda: time.sleep(self.cfg.load_delay_s))
         self._phase("Load kernels", self._load_kernels)
         self._phase("Load weights", self._load_weights)
         self._phase("Allocate KV cache", self._alloc_kv)
@@ -497,7 +504,8 @@ def engine_main(args) -> int:
             ipc.write(json.dumps(msg, separators=(",", ":")) + "\n")
 
     cfg = EngineConfig(libcuda=args.libcuda, max_batch=args.max_batch, prefill_launches=args.prefill_launches,
-                       decode_launches=args.decode_launches, graph_decode=args.graph_decode, sync_us=args.sync_us)
+                       decode_launches=args.decode_launches, graph_decode=args.graph_decode, sync_us=args.sync_us,
+                       load_delay_s=args.load_delay)
     try:
         model = GpuModel(Driver(cfg.libcuda), cfg)
         model.setup()
@@ -555,7 +563,8 @@ class EngineClient:
     def __init__(self, cfg: EngineConfig, env: dict):
         argv = [sys.executable, str(Path(__file__).resolve()), "engine", "--libcuda", cfg.libcuda,
                 "--max-batch", str(cfg.max_batch), "--prefill-launches", str(cfg.prefill_launches),
-                "--decode-launches", str(cfg.decode_launches), "--sync-us", str(cfg.sync_us)]
+                "--decode-launches", str(cfg.decode_launches), "--sync-us", str(cfg.sync_us),
+                "--load-delay", str(cfg.load_delay_s)]
         if cfg.graph_decode:
             argv.append("--graph-decode")
         self.cfg = cfg
@@ -991,7 +1000,7 @@ def serve_main(args) -> int:
     sync_us = args.sync_us if args.sync_us is not None else int(os.environ.get("FAKE_CUDA_SYNC_US") or DEFAULT_SYNC_US)
     ecfg = EngineConfig(libcuda=str(Path(args.libcuda).resolve()), max_batch=args.max_batch,
                         prefill_launches=args.prefill_launches, decode_launches=args.decode_launches,
-                        graph_decode=args.graph_decode, sync_us=sync_us)
+                        graph_decode=args.graph_decode, sync_us=sync_us, load_delay_s=args.load_delay)
     cfg = ServeConfig(host=args.host, port=args.port, model=args.model,
                       otlp_traces_endpoint=args.otlp_traces_endpoint, ground_truth=args.ground_truth, engine=ecfg)
     stop = threading.Event()
@@ -1039,6 +1048,9 @@ def add_engine_options(p: argparse.ArgumentParser):
     p.add_argument("--prefill-launches", type=int, default=30, help="kernel launches per new request's prefill")
     p.add_argument("--decode-launches", type=int, default=12, help="kernel launches per decode step (eager)")
     p.add_argument("--graph-decode", action="store_true", help="decode with one cuGraphLaunch per step")
+    p.add_argument("--load-delay", type=float, default=0.0, metavar="S",
+                   help="seconds between mapping libcuda (cuInit) and loading the kernels, as a real engine spends "
+                        "loading the model: give a sidecar started beside it time to attach and see the names")
 
 
 def main(argv=None) -> int:

@@ -36,15 +36,21 @@ def settings(**overrides) -> cfg.SidecarConfig:
 
 
 class RunningSidecar:
-    def __init__(self, probes, **overrides):
+    """`env` set: telemetry as the settings and that environment say (Prometheus endpoint, OTLP exporters);
+    otherwise in-memory readers and span exporter that the test reads."""
+
+    def __init__(self, probes, env: dict | None = None, **overrides):
         from otel_cuda.sidecar import start
 
         self.spans = InMemorySpanExporter()
         self.metrics = InMemoryMetricReader()
         self.self_metrics = InMemoryMetricReader()
         self.settings = settings(**overrides)
-        self.sidecar = start(self.settings, probes, env={}, span_processor=SimpleSpanProcessor(self.spans),
-                             metric_readers=[self.metrics], self_metric_readers=[self.self_metrics])
+        if env is None:
+            self.sidecar = start(self.settings, probes, env={}, span_processor=SimpleSpanProcessor(self.spans),
+                                 metric_readers=[self.metrics], self_metric_readers=[self.self_metrics])
+        else:
+            self.sidecar = start(self.settings, probes, env=env)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.sidecar.run, args=(self.stop_event,), daemon=True)
         self.thread.start()

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,16 +75,22 @@ class Driver:
     """testbed/build/bench_driver --serve, pinned to `cpus`: one process, one call site, for every variant."""
 
     def __init__(self, cpus: str = "1", env: dict | None = None):
+        # A private copy of the driver and the fake libcuda (RUNPATH $ORIGIN): uprobes are per inode, and other
+        # users of this machine attach their sidecars and tests to testbed/build/libcuda.so.1; their probes would
+        # fire (and cost a trap) in our "no probe" variant. A file of our own is traced by us alone.
+        self.dir = tempfile.mkdtemp(prefix="otel-cuda-bench-")
+        for f in (DRIVER, LIBCUDA):
+            shutil.copy2(f, self.dir)
         full_env = {**os.environ, "FAKE_CUDA_SYNC_US": "0", **(env or {})}
-        cmd = [str(DRIVER), "--serve"]
+        cmd = [os.path.join(self.dir, DRIVER.name), "--serve"]
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env)
         ready = json.loads(self.proc.stdout.readline())
         self.pid = ready["pid"]
-        st = os.stat(LIBCUDA)
+        self.lib_path = os.path.join(self.dir, LIBCUDA.name)
+        st = os.stat(self.lib_path)
         self.lib_identity = (st.st_dev, st.st_ino)
-        self.lib_path = str(LIBCUDA)
 
     def _ask(self, line: str) -> dict:
         self.proc.stdin.write(line + "\n")
@@ -110,6 +117,7 @@ class Driver:
             self.proc.wait(5)
         except Exception:  # noqa: BLE001
             self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- the floors: empty BPF programs ---------------------------------------------------------------------------
@@ -348,6 +356,31 @@ class InProcessSidecar:
     def dropped(self) -> int:
         return self.pipeline.totals.dropped_queue + self.pipeline.reader.counters.decode_errors
 
+    def calls(self, symbol: str) -> int:
+        """Events of one function the pipeline processed (the system probes' records are not counted)."""
+        return self.pipeline.totals.calls.get(symbol, 0)
+
+    def wait_calls(self, symbol: str, target: int, archive: bool = False, timeout: float = 60.0,
+                   quiet_s: float = 2.0) -> int:
+        """Wait until `target` events of `symbol` were processed and the archive queue is empty (if asked), or
+        nothing moved for quiet_s."""
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        q = self.pipeline.events_to_archive
+        while time.monotonic() < deadline:
+            n = self.calls(symbol)
+            if n >= target and (not archive or q.qsize() == 0):
+                if archive:
+                    time.sleep(0.01)  # the record taken off the queue last is being written
+                return n
+            progress = (n, q.qsize())
+            if progress != last:
+                last, since = progress, time.monotonic()
+            elif time.monotonic() - since > quiet_s:
+                return n
+            time.sleep(0.005)
+        return self.calls(symbol)
+
     def wait_records(self, target: int, archive: bool = False, timeout: float = 30.0, quiet_s: float = 2.0) -> int:
         """Wait until `target` records were read (and archived, if asked) or nothing moved for quiet_s."""
         deadline = time.monotonic() + timeout
@@ -389,3 +422,111 @@ def pin_self(cpus: str) -> None:
     """Pin this process (threads started later inherit it): the tracer's side of the machine."""
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+# ---- the proposed ring-buffer wakeup policy (measured side by side with the current one) ------------------------
+
+# Every record the kernel submits with flags 0 wakes the consumer when it has caught up, which a fast consumer on
+# an idle core always has: one irq_work (a self-IPI, then a wake-up) in the traced thread per event. The proposal:
+# submit with BPF_RB_NO_WAKEUP, force a wakeup once per RINGBUF_WAKE_EVERY records per CPU, and let the consumer
+# read on its poll timeout (read_batch: poll, then consume). Applied here to the current program text (the bench
+# only; the product takes the equivalent diff, with the setting as a cflag).
+WAKE_HELPER = r"""
+#ifndef RINGBUF_WAKE_EVERY
+#define RINGBUF_WAKE_EVERY 256 /* a power of two */
+#endif
+BPF_PERCPU_ARRAY(ring_submitted, u64, 1);
+static __always_inline u64 ring_wake_flags(void)
+{
+    int zero = 0;
+    u64 *n = ring_submitted.lookup(&zero);
+    if (!n)
+        return BPF_RB_FORCE_WAKEUP;
+    *n += 1;
+    return (*n & (RINGBUF_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
+"""
+
+
+def proposed_program_text(text: str) -> str:
+    anchor = re.search(r"BPF_RINGBUF_OUTPUT\(events, [^)]*\);\n", text)
+    if anchor is None:
+        raise ValueError("no BPF_RINGBUF_OUTPUT(events, ...) in the program")
+    text = text[:anchor.end()] + WAKE_HELPER + text[anchor.end():]
+    text = re.sub(r"events\.ringbuf_submit\((\w+), 0\)", r"events.ringbuf_submit(\1, ring_wake_flags())", text)
+    text = re.sub(r"events\.ringbuf_output\((\w+), (sizeof\([^)]*\)), 0\)",
+                  r"events.ringbuf_output(\1, \2, ring_wake_flags())", text)
+    return text
+
+
+def load_proposed_probes(ringbuf_pages: int | None = None):
+    """otel_cuda.bpf.Probes with the proposed wakeup policy: program text transformed, read_batch consuming after
+    its poll."""
+    from otel_cuda import bpf as bpf_mod
+
+    class BatchedProbes(bpf_mod.Probes):
+        def read_batch(self, timeout_ms: int) -> list[bytes]:
+            batch = super().read_batch(timeout_ms)  # returns early when a forced wakeup came
+            self._bpf.ring_buffer_consume()  # records submitted without a wakeup
+            more, self._batch = self._batch, []
+            return batch + more if batch else more
+
+    config = bpf_mod.BpfConfig() if ringbuf_pages is None else bpf_mod.BpfConfig(ringbuf_pages=ringbuf_pages)
+    original = bpf_mod.program_text
+    bpf_mod.program_text = lambda c: proposed_program_text(original(c))
+    try:
+        return BatchedProbes(config)
+    finally:
+        bpf_mod.program_text = original
+
+
+# ---- BPF run-time statistics: what the program body itself costs, apart from the trap -----------------------
+
+def enable_bpf_stats():
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while the returned fd is open
+    (closed with this process, so nothing stays switched on). None where the kernel refuses."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = (ctypes.c_uint32 * 2)(0, 0)  # enable_stats.type = BPF_STATS_RUN_TIME
+    fd = libc.syscall(321, 32, ctypes.byref(attr), ctypes.sizeof(attr))  # SYS_bpf, BPF_ENABLE_STATS (x86-64)
+    return fd if fd >= 0 else None
+
+
+def prog_runtime(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded BPF program."""
+    ns = cnt = 0
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("run_time_ns:"):
+                    ns = int(line.split()[1])
+                elif line.startswith("run_cnt:"):
+                    cnt = int(line.split()[1])
+    except OSError:
+        pass
+    return ns, cnt
+
+
+def prog_fds(bpf, names) -> list[int]:
+    fds = []
+    for n in names:
+        f = bpf.funcs.get(n.encode() if isinstance(n, str) else n)
+        if f is not None:
+            fds.append(f.fd)
+    return fds
+
+
+class ProgTimer:
+    """ns per run of the given programs over a window (needs enable_bpf_stats())."""
+
+    def __init__(self, fds: list[int]):
+        self.fds = fds
+        self.start = [prog_runtime(fd) for fd in fds]
+
+    def result(self) -> dict:
+        out = {}
+        for fd, (ns0, c0) in zip(self.fds, self.start):
+            ns1, c1 = prog_runtime(fd)
+            out[fd] = ((ns1 - ns0) / (c1 - c0)) if c1 > c0 else None
+        return out

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl  # noqa: E402
 
 VARIANTS = ("none_launch", "floor_entry", "ours_launch", "seed_bpftrace", "none_timed", "floor_entry_return",
-            "ours_timed")
+            "ours_timed")  # with --proposed, ours_launch_proposed and ours_timed_proposed follow their current twin
 
 
 def parse_args(argv=None):
@@ -48,6 +48,8 @@ def parse_args(argv=None):
                          "null observer")
     ap.add_argument("--no-archive", action="store_true", help="run the consumer without the archive")
     ap.add_argument("--no-seed", action="store_true", help="skip the bpftrace variant")
+    ap.add_argument("--proposed", action="store_true",
+                    help="also measure the proposed ring-buffer wakeup policy (benchlib.WAKE_HELPER) side by side")
     ap.add_argument("--no-ingest", action="store_true", help="skip the ingest suite (bench/ingest)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and calls (and a quick ingest suite)")
     ap.add_argument("--tracer-cpu", default="0")
@@ -67,14 +69,25 @@ class PerCall:
         self.args = args
         self.timed = args.timed_func
         self.timed_sym = bl.SYMBOL[self.timed]
+        self.stats_fd = bl.enable_bpf_stats()
         self.driver = bl.Driver(cpus=args.workload_cpu)
         self.floor = bl.EmptyProbes()
-        self.probes = bl.load_probes()
-        self.archive_dir = None if args.no_archive else tempfile.mkdtemp(prefix="bench-archive-")
-        self.sidecar = bl.InProcessSidecar(self.probes, self.driver.pid, self.archive_dir,
-                                           full=args.consumer == "sidecar")
-        self.sidecar.start()
+        self.archive_dirs: list[str] = []
+        self.tracers = {"ours": self._tracer(bl.load_probes())}
+        if args.proposed:
+            self.tracers["ours_proposed"] = self._tracer(bl.load_proposed_probes())
+        self.sidecar = self.tracers["ours"][1]
+        self.probes = self.tracers["ours"][0]
         self.rounds: list[dict] = []
+
+    def _tracer(self, probes):
+        archive_dir = None
+        if not self.args.no_archive:
+            archive_dir = tempfile.mkdtemp(prefix="bench-archive-")
+            self.archive_dirs.append(archive_dir)
+        sc = bl.InProcessSidecar(probes, self.driver.pid, archive_dir, full=self.args.consumer == "sidecar")
+        sc.start()
+        return probes, sc
 
     # one variant -------------------------------------------------------------------------------------------------
     def none(self, func: str) -> dict:
@@ -85,26 +98,34 @@ class PerCall:
         self.floor.attach(self.driver.lib_path, bl.SYMBOL[func], returns)
         try:
             self.driver.run(func, self.args.warmup)
+            timer = bl.ProgTimer(bl.prog_fds(self.floor.bpf, ["e", "r"] if returns else ["e"]))
             r = self.driver.run(func, self.args.n)
+            prog = timer.result()
         finally:
             self.floor.detach()
-        return {"ns_per_call": r["ns_per_call"], "calls": r["n"]}
+        return {"ns_per_call": r["ns_per_call"], "calls": r["n"], "bpf_ns_per_run": sum(
+            v for v in prog.values() if v is not None) if self.stats_fd is not None else None}
 
-    def ours(self, func: str) -> dict:
-        sc, probes, d = self.sidecar, self.probes, self.driver
-        attach = (bl.probe(bl.SYMBOL[func]), bl.probe("cuModuleGetFunction"))
+    def ours(self, func: str, which: str = "ours") -> dict:
+        probes, sc = self.tracers[which]
+        d = self.driver
+        sym = bl.SYMBOL[func]
+        attach = (bl.probe(sym), bl.probe("cuModuleGetFunction"))
         missing = probes.attach_library(d.lib_identity, d.lib_path, attach)
         assert not missing, missing
+        archive = bool(self.archive_dirs)
         try:
             d.name()  # the kernel's name event: launches after it are named
             d.run(func, self.args.warmup)
-            sc.wait_records(sc.records() + self.args.warmup + 1, archive=bool(self.archive_dir))
+            sc.wait_calls(sym, sc.calls(sym) + self.args.warmup, archive=archive)
             names = sc.pipeline.names
             named0, unknown0 = names.launches_named, names.launches_unknown
-            rec0, lost0, drop0 = sc.records(), probes.lost(), sc.dropped()
+            calls0, lost0, drop0 = sc.calls(sym), probes.lost(), sc.dropped()
+            timer = bl.ProgTimer(bl.prog_fds(probes._bpf, [f"entry_{sym}", f"return_{sym}"]))
             cpu0, t0 = bl.cpu_self(), time.monotonic()
             r = d.run(func, self.args.n)
-            got = sc.wait_records(rec0 + r["n"], archive=bool(self.archive_dir)) - rec0
+            prog = timer.result()
+            got = sc.wait_calls(sym, calls0 + r["n"], archive=archive) - calls0
             cpu1, t1 = bl.cpu_self(), time.monotonic()
         finally:
             probes.detach_library(d.lib_identity)
@@ -116,6 +137,7 @@ class PerCall:
                 "dropped": dropped, "missing": r["n"] - got,
                 "consumer_cpu_s": cpu1 - cpu0, "consumer_wall_s": t1 - t0,
                 "consumer_cpu_ns_per_event": (cpu1 - cpu0) * 1e9 / max(got, 1),
+                "bpf_ns_per_run": sum(v for v in prog.values() if v is not None) if self.stats_fd is not None else None,
                 "named_share": named / (named + unknown) if func == "launch" and named + unknown else None}
 
     def seed(self) -> dict:
@@ -146,17 +168,26 @@ class PerCall:
             return self.floor_variant("launch", False)
         if name == "floor_entry_return":
             return self.floor_variant(self.timed, True)
-        if name == "ours_launch":
-            return self.ours("launch")
-        if name == "ours_timed":
-            return self.ours(self.timed)
+        if name.startswith("ours_"):
+            func = "launch" if name.startswith("ours_launch") else self.timed
+            return self.ours(func, "ours_proposed" if name.endswith("_proposed") else "ours")
         if name == "seed_bpftrace":
             return self.seed()
         raise ValueError(name)
 
     # the run -----------------------------------------------------------------------------------------------------
+    def variants(self) -> list[str]:
+        out = []
+        for v in VARIANTS:
+            if self.args.no_seed and v == "seed_bpftrace":
+                continue
+            out.append(v)
+            if self.args.proposed and v in ("ours_launch", "ours_timed"):
+                out.append(v + "_proposed")
+        return out
+
     def run(self) -> dict:
-        variants = [v for v in VARIANTS if not (self.args.no_seed and v == "seed_bpftrace")]
+        variants = self.variants()
         for i in range(self.args.rounds):
             k = i % len(variants)
             order = variants[k:] + variants[:k]
@@ -177,7 +208,8 @@ class PerCall:
             return r.get(v, {}).get("ns_per_call")
 
         def overhead(r, v):
-            base = "none_launch" if v in ("floor_entry", "ours_launch", "seed_bpftrace") else "none_timed"
+            base = "none_launch" if v in ("floor_entry", "seed_bpftrace") or v.startswith("ours_launch") \
+                else "none_timed"
             a, b = ns(r, v), ns(r, base)
             return None if a is None or b is None else a - b
 
@@ -194,6 +226,10 @@ class PerCall:
                 "tracer_cpu_ns_per_event", 0)
             per_round.append({
                 "overhead_ns": oh,
+                "launch_proposed_vs_entry_floor": ratio(oh.get("ours_launch_proposed"), oh.get("floor_entry")),
+                "timed_proposed_vs_entry_return_floor": ratio(oh.get("ours_timed_proposed"),
+                                                              oh.get("floor_entry_return")),
+                "proposed_vs_seed": ratio(oh.get("ours_launch_proposed"), oh.get("seed_bpftrace")),
                 "launch_vs_entry_floor": ratio(oh.get("ours_launch"), oh.get("floor_entry")),
                 "timed_vs_entry_return_floor": ratio(oh.get("ours_timed"), oh.get("floor_entry_return")),
                 "ours_vs_seed": ratio(oh.get("ours_launch"), oh.get("seed_bpftrace")),
@@ -215,11 +251,22 @@ class PerCall:
             "percall_timed_ratio_vs_entry_return_floor": med("timed_vs_entry_return_floor"),
             "seed_bpftrace_ratio": med("ours_vs_seed"),
             "seed_bpftrace_ratio_total_cpu": med("ours_vs_seed_total_cpu"),
+            "proposed": {
+                "percall_launch_ratio_vs_entry_floor": med("launch_proposed_vs_entry_floor"),
+                "percall_timed_ratio_vs_entry_return_floor": med("timed_proposed_vs_entry_return_floor"),
+                "seed_bpftrace_ratio": med("proposed_vs_seed"),
+                "consumer_cpu_ns_per_event": {
+                    "launch": bl.median([r.get("ours_launch_proposed", {}).get("consumer_cpu_ns_per_event")
+                                         for r in self.rounds]),
+                    "timed": bl.median([r.get("ours_timed_proposed", {}).get("consumer_cpu_ns_per_event")
+                                        for r in self.rounds])},
+                "lost": sum((total(v, k) or 0) for v in ("ours_launch_proposed", "ours_timed_proposed")
+                            for k in ("lost_ringbuf", "dropped", "missing")),
+            } if self.args.proposed else None,
             "seed_bpftrace_lost": total("seed_bpftrace", "lost"),
             "seed_bpftrace_calls": total("seed_bpftrace", "calls"),
-            "ours_lost": (total("ours_launch", "lost_ringbuf") or 0) + (total("ours_timed", "lost_ringbuf") or 0)
-            + (total("ours_launch", "dropped") or 0) + (total("ours_timed", "dropped") or 0)
-            + (total("ours_launch", "missing") or 0) + (total("ours_timed", "missing") or 0),
+            "ours_lost": sum((total(v, k) or 0) for v in ("ours_launch", "ours_timed")
+                             for k in ("lost_ringbuf", "dropped", "missing")),
             "ours_events": (total("ours_launch", "events") or 0) + (total("ours_timed", "events") or 0),
             "launches_named_share": bl.median([r.get("ours_launch", {}).get("named_share") for r in self.rounds]),
             "ns_per_call": {v: bl.median([ns(r, v) for r in self.rounds]) for v in variants},
@@ -229,6 +276,8 @@ class PerCall:
             "consumer_cpu_ns_per_event": {
                 "launch": bl.median([r.get("ours_launch", {}).get("consumer_cpu_ns_per_event") for r in self.rounds]),
                 "timed": bl.median([r.get("ours_timed", {}).get("consumer_cpu_ns_per_event") for r in self.rounds])},
+            "bpf_ns_per_run": {v: bl.median([r.get(v, {}).get("bpf_ns_per_run") for r in self.rounds])
+                               for v in variants if v.startswith(("floor", "ours"))},
             "seed_bpftrace_cpu_ns_per_event": bl.median(
                 [r.get("seed_bpftrace", {}).get("tracer_cpu_ns_per_event") for r in self.rounds]),
             "timed_function": self.timed_sym,
@@ -242,29 +291,30 @@ class PerCall:
 
     def close(self) -> None:
         try:
-            summary = self.sidecar.stop()
-            bl.log(f"sidecar summary: lost_ringbuf={summary.get('lost_ringbuf')} "
-                   f"dropped_queue={summary.get('dropped_queue')} archived={summary.get('archived')}")
+            for name, (_probes, sc) in self.tracers.items():
+                summary = sc.stop()
+                bl.log(f"{name} sidecar summary: lost_ringbuf={summary.get('lost_ringbuf')} "
+                       f"dropped_queue={summary.get('dropped_queue')} archived={summary.get('archived')}")
         finally:
             self.floor.close()
             self.driver.close()
-            if self.archive_dir:
-                shutil.rmtree(self.archive_dir, ignore_errors=True)
+            for d in self.archive_dirs:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def table(res: dict) -> str:
-    ns, oh = res["ns_per_call"], res["overhead_ns"]
-    lines = ["variant               ns/call   overhead ns", "-" * 44]
-    for v, n in ns.items():
-        lines.append(f"{v:<20} {n if n is not None else float('nan'):>9.0f}   "
-                     f"{oh.get(v) if oh.get(v) is not None else 0:>9.0f}")
+    ns, oh, prog = res["ns_per_call"], res["overhead_ns"], res.get("bpf_ns_per_run", {})
 
     def f(x, fmt="{:.3f}"):
         return "n/a" if x is None else fmt.format(x)
 
+    lines = ["variant                 ns/call  overhead ns  BPF body ns/run", "-" * 62]
+    for v, n in ns.items():
+        lines.append(f"{v:<22} {f(n, '{:>8.0f}')}  {f(oh.get(v), '{:>11.0f}')}  {f(prog.get(v), '{:>15.0f}')}")
     lines += ["",
-              f"launch / empty entry floor          {f(res['percall_launch_ratio_vs_entry_floor'])}  (goal <= 1.2)",
-              f"timed call / empty entry+ret floor  {f(res['percall_timed_ratio_vs_entry_return_floor'])}  (goal <= 1.2)",
+              f"launch / empty entry floor           {f(res['percall_launch_ratio_vs_entry_floor'])}  (goal <= 1.2)",
+              f"timed call / empty entry+ret floor   {f(res['percall_timed_ratio_vs_entry_return_floor'])}  "
+              "(goal <= 1.2)",
               f"ours / seed bpftrace (traced thread) {f(res['seed_bpftrace_ratio'])}  (goal <= 1, aim 0.8)",
               f"ours / seed bpftrace (+ tracer CPU)  {f(res['seed_bpftrace_ratio_total_cpu'])}",
               f"seed bpftrace lost                   {res['seed_bpftrace_lost']} of {res['seed_bpftrace_calls']}",
@@ -273,7 +323,14 @@ def table(res: dict) -> str:
               f"(launch), {f(res['consumer_cpu_ns_per_event']['timed'], '{:.0f}')} (timed); bpftrace "
               f"{f(res['seed_bpftrace_cpu_ns_per_event'], '{:.0f}')}",
               f"launches named                       {f(res['launches_named_share'])}"]
-    for k in ("ingest_events_per_s_zero_loss", "cpu_s_per_100k_events"):
+    p = res.get("proposed")
+    if p:
+        lines += [f"proposed: launch / entry floor       {f(p['percall_launch_ratio_vs_entry_floor'])}",
+                  f"proposed: timed / entry+ret floor    {f(p['percall_timed_ratio_vs_entry_return_floor'])}",
+                  f"proposed: ours / seed bpftrace       {f(p['seed_bpftrace_ratio'])}",
+                  f"proposed: consumer CPU ns/event      {f(p['consumer_cpu_ns_per_event']['launch'], '{:.0f}')} "
+                  f"(launch), {f(p['consumer_cpu_ns_per_event']['timed'], '{:.0f}')} (timed); lost {p['lost']}"]
+    for k in ("ingest_events_per_s_zero_loss", "cpu_s_per_100k_events", "consumer_events_per_s_per_core"):
         if k in res:
             lines.append(f"{k:<36} {json.dumps(res[k])}")
     return "\n".join(lines)

@@ -580,17 +580,22 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_fork)
+/* task_newtask, not sched_process_fork: it carries the clone flags, so new threads (which share the traced
+ * tgid already) are told apart from new processes without reading kernel structs, whose layout the headers
+ * BCC compiles against may not match. */
+#define OC_CLONE_THREAD 0x00010000
+TRACEPOINT_PROBE(task, task_newtask)
 {
     u32 pid, tid;
+    if (args->clone_flags & OC_CLONE_THREAD)
+        return 0;
     if (!traced(&pid, &tid))
         return 0;
     u32 child = 0;
     u8 selected = 0;
 #ifndef PIDNS_INO
-    /* New processes only (a new thread has the parent's tgid and is traced already). Without a pid
-     * namespace of our own the tracepoint's pid is ours too: select the child before it runs. */
-    child = args->child_pid;
+    /* Without a pid namespace of our own the tracepoint's pid is ours too: select the child before it runs. */
+    child = args->pid;
     u8 one = 1;
     targets.update(&child, &one);
     selected = 1;

@@ -28,7 +28,8 @@ class BpfConfig:
     launch_return: bool = False
     max_inflight: int = 16384
     max_allocs: int = 262144
-    extra_sources: tuple[str, ...] = ()  # further .bpf.c files compiled into the same program (sysprobes)
+    # further .bpf.c files compiled into the same program; the system view (file I/O, mmap, scheduling) by default
+    extra_sources: tuple[str, ...] = (str(BPF_DIR / "sys_probes.bpf.c"),)
     extra_cflags: tuple[str, ...] = ()
 
     def cflags(self) -> list[str]:

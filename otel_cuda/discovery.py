@@ -151,6 +151,7 @@ class Discovery:
         interval_s: float = 0.2,
         detach_grace_s: float = 30.0,
         clock=time.monotonic,
+        admit: Callable[[int], bool] = lambda pid: True,
     ):
         self.selector = selector
         self.procfs = procfs
@@ -161,6 +162,7 @@ class Discovery:
         self.library = library
         self.interval_s = interval_s
         self.detach_grace_s = detach_grace_s
+        self.admit = admit  # a further say, e.g. the DaemonSet's pod label selector (k8s.PodResolver.selected)
         self._clock = clock
         self._unused_since: dict[tuple[int, int], float] = {}
         self.counters = DiscoveryCounters()
@@ -196,7 +198,7 @@ class Discovery:
             if pid in self._tracked or pid == self._self_pid:
                 return
             info = self.procfs.info(pid, self.library)
-            if info is None or not (inherited or self.selector.matches(info)):
+            if info is None or not (inherited or (self.selector.matches(info) and self.admit(pid))):
                 return
             self._track(info)
 
@@ -233,7 +235,7 @@ class Discovery:
             if known and known.info.start_time != info.start_time:
                 self._forget(pid)  # the pid was reused by a new process
                 known = None
-            if known is None and not self.selector.matches(info):
+            if known is None and not (self.selector.matches(info) and self.admit(pid)):
                 continue
             seen.add(pid)
             if known is None:

@@ -64,9 +64,11 @@ class StepBuffer:
         self._lock = threading.Condition()
         self.watermark_ns = 0  # the pipeline has processed every event stamped before this
         self.evicted = 0
+        self._longest = 0  # the longest step seen (ns), to search by end time in a list sorted by midpoint
 
     def add(self, step: BufferedStep) -> None:
         with self._lock:
+            self._longest = max(self._longest, step.end_ns - step.start_ns)
             i = bisect.bisect_right(self._mids, step.mid_ns)
             self._steps.insert(i, step)
             self._mids.insert(i, step.mid_ns)
@@ -89,6 +91,15 @@ class StepBuffer:
     def wait_for(self, mono_ns: int, timeout_s: float) -> bool:
         with self._lock:
             return self._lock.wait_for(lambda: self.watermark_ns >= mono_ns, timeout=timeout_s)
+
+    def ends_between(self, start_ns: int, end_ns: int, pids: set[int] | None) -> list[int]:
+        """End times of the steps that end in [start_ns, end_ns] (steps are sorted by midpoint, so look a
+        little wider and filter)."""
+        with self._lock:
+            lo = bisect.bisect_left(self._mids, start_ns - self._longest)
+            hi = bisect.bisect_right(self._mids, end_ns)
+            return sorted(s.end_ns for s in self._steps[lo:hi]
+                          if start_ns <= s.end_ns <= end_ns and (pids is None or s.pid in pids))
 
     def in_window(self, start_ns: int, end_ns: int, pids: set[int] | None) -> list[BufferedStep]:
         with self._lock:
@@ -198,9 +209,10 @@ class Joiner:
             outcome = "no_latency_attributes"
             windows = {"request": (span.start_time_unix_nano, span.end_time_unix_nano)}
         offset = self.epoch_offset_ns()
-        last_end = max(end for _, end in windows.values()) - offset
-        self.buffer.wait_for(last_end, self.config.wait_s)
+        self.buffer.wait_for(span.end_time_unix_nano - offset, self.config.wait_s)
         pids = self.instance_pids(resource)
+        shift = self.align(windows, span.end_time_unix_nano, offset, pids) if outcome == "joined" else 0
+        windows = {phase: (start + shift, end + shift) for phase, (start, end) in windows.items()}
         parent = SpanContext(int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big"),
                              is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
         totals: dict[str, list[BufferedStep]] = {}
@@ -222,6 +234,7 @@ class Joiner:
             summary[f"cuda.{phase}.steps"] = len(steps)
             summary[f"cuda.{phase}.launches"] = sum(s.launches for s in steps)
         summary["cuda.join.outcome"] = outcome
+        summary["cuda.join.shift_ns"] = shift
         span.attributes.extend(_kv(k, v) for k, v in summary.items())
         record = {
             "v": 1, "type": "request", "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
@@ -233,6 +246,28 @@ class Joiner:
         if len(self.counters.by_request) < 10_000:
             self.counters.by_request.append(record)
         self.on_request(record)
+
+    def align(self, windows: dict, span_end: int, offset: int, pids: set[int] | None) -> int:
+        """How far the engine's timeline lies after the span's start (ns).
+
+        vLLM anchors the phases on the API server's arrival time, but the engine measured them after the
+        request crossed to it; the span ends after the last token came back. So the engine's [queued, last
+        token] lies somewhere in [start, end]; the slack is the two hops and the output processing. The last
+        token comes out of a step's closing sync, and so does the first: the shift is the one that puts both
+        window ends closest to step ends."""
+        prefill_end, decode_end = windows["prefill"][1], windows["decode"][1]
+        slack = max(0, span_end - decode_end)
+        candidates = self.buffer.ends_between(decode_end - offset, decode_end - offset + slack, pids)
+        if not candidates:
+            return 0
+        prefill_ends = self.buffer.ends_between(prefill_end - offset - 1, prefill_end - offset + slack + 1, pids)
+
+        def miss(shift: int) -> int:  # how far the prefill end then lies from the nearest step end
+            target = prefill_end - offset + shift
+            return min((abs(e - target) for e in prefill_ends), default=0)
+
+        shifts = [e - (decode_end - offset) for e in candidates]
+        return min(shifts, key=lambda d: (miss(d), d))
 
     def _child(self, phase: str, start: int, end: int, steps: list[BufferedStep], parent: SpanContext) -> None:
         pid = min(s.pid for s in steps)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from . import probes
-from .events import EV_LAUNCH, Event
+from .events import EV_LAUNCH, EV_SYS, Event
 from .steps import Step
 
 _LAUNCH_TYPE = {"cuLaunchKernel": "kernel", "cuLaunchKernelEx": "kernel", "cuLaunchCooperativeKernel": "cooperative",
@@ -93,7 +93,7 @@ class CudaMetrics:
         duration, sync = self._duration.record, self._sync.record
         with self._lock:
             for ev, kernel, _ in batch:
-                if ev.nested:
+                if ev.nested or ev.type == EV_SYS:  # system events: their func ids are enum oc_sys_kind
                     continue
                 p = probes.BY_ID.get(ev.func)
                 if p is None:

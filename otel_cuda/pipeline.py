@@ -257,7 +257,7 @@ class Pipeline:
 
 
 def build(config, probes, procfs, archive: ArchiveSink | None = None, observer: Observer | None = None,
-          clock: MonotonicToEpoch | None = None) -> Pipeline:
+          clock: MonotonicToEpoch | None = None, admit=lambda pid: True) -> Pipeline:
     """Wire the stages. `probes` is a loaded bpf.Probes (or a double with the same methods)."""
     p = Pipeline(probes, archive or NullArchive(), observer or NullObserver(), clock or MonotonicToEpoch(),
                  attach_set=probe_table.selected(config.runtime))
@@ -266,5 +266,6 @@ def build(config, probes, procfs, archive: ArchiveSink | None = None, observer: 
     p.reader = RingReader(probes.read_batch, ev_mod.decode, deliver=p.on_events)
     p.discovery = Discovery(config.selector, procfs, on_select=p.on_select, on_exit=p.on_exit,
                             on_library=p.on_library, on_library_unused=p.on_library_unused,
-                            interval_s=config.discovery_interval_s, detach_grace_s=config.detach_grace_s)
+                            interval_s=config.discovery_interval_s, detach_grace_s=config.detach_grace_s,
+                            admit=admit)
     return p

@@ -87,3 +87,42 @@ def to_record(ev: Event, epoch_offset_ns: int, kernel: str | None, step: int | N
     if ev.nested:
         rec["nested"] = True
     return rec
+
+
+def _int(v) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, str):
+        return int(v, 16) if v.startswith("0x") else int(v)
+    return int(v)
+
+
+def from_record(rec: dict) -> Event | None:
+    """The event an archive record was made from (replay): None for records that are not calls."""
+    p = probes.BY_SYMBOL.get(rec.get("func", ""))
+    if p is None or rec.get("type") not in ("cuda_api", "cuda_runtime"):
+        return None
+    a = rec.get("args") or {}
+    returned = rec.get("phase") == "call"
+    flags = (1 if returned else 0) | (2 if rec.get("nested") else 0)
+    result = _RESULT_CODES.get(rec.get("result"), 0) if returned else -1
+    head = (flags, p.func_id, rec["pid"], rec["tid"], rec["mono_ns"], rec.get("dur_ns") or 0, result)
+    layer = LAYER_RUNTIME if p.layer == probes.RUNTIME else 0
+    if p.group == "launch" and p.layer == probes.DRIVER:
+        grid, block = a.get("grid") or [0, 0, 0], a.get("block") or [0, 0, 0]
+        handle = _int(a.get("graph") if "graph" in a else a.get("function"))
+        return Event(EV_LAUNCH, layer, *head, (handle, _int(a.get("stream")), *grid, *block, _int(a.get("shared_mem"))))
+    if p.symbol in ("cuModuleGetFunction", "cuLibraryGetKernel"):
+        return Event(EV_NAME, layer, *head, (_int(a.get("handle")), _int(a.get("parent")), 0), a.get("name", ""))
+    slots = []
+    for name in p.args:
+        if name == "memory_type":
+            slots.append(probes.MEMORY_TYPES.index(a[name]) if a.get(name) in probes.MEMORY_TYPES else 0)
+        elif name == "known":
+            slots.append(0 if a.get("bytes") is None else 1)
+        else:
+            slots.append(_int(a.get(name)))
+    return Event(EV_CALL, layer, *head, tuple(slots + [0] * (6 - len(slots))))
+
+
+_RESULT_CODES = {name: code for code, name in probes.CU_RESULTS.items()}

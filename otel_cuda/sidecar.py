@@ -210,7 +210,9 @@ def start(settings: SidecarConfig, probes, procfs=None, env: Mapping[str, str] =
     join_config = JoinConfig(instance_key=opts["instance_key"])
     telemetry = tel.Telemetry(meter_provider, self_provider, span_processor, resources, probes, clock, join_config,
                               top_k=opts["top_k"])
-    pipeline = build(settings, probes, procfs or LiveProcFS(), archive=archive, observer=telemetry, clock=clock)
+    admit = resolver.selected if resolver is not None and opts["k8s"] == "api" else (lambda pid: True)
+    pipeline = build(settings, probes, procfs or LiveProcFS(), archive=archive, observer=telemetry, clock=clock,
+                     admit=admit)
     telemetry.attach_pipeline(pipeline)
     telemetry.joiner.on_request = pipeline.archive_record
     if archive is not None:

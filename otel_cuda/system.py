@@ -82,7 +82,9 @@ def sys_record(ev: Event, epoch_offset_ns: int) -> dict:
     res = _s64(ev.result)
     args: dict = {}
     if func in ("openat", "device_open"):
-        args = {"path": ev.name, "fd": res if res >= 0 else None, "flags": a1, "file_kind": _kind(a2)}
+        args = {"path": ev.name, "flags": a1, "file_kind": _kind(a2)}
+        if res >= 0:
+            args["fd"] = res
     elif func == "read":
         args = {"path": ev.name, "fd": a0, "bytes": a1, "calls": a2, "file_kind": _kind(a3)}
     elif func == "mmap":
@@ -115,6 +117,17 @@ def process_start_mono_ns(pid: int, start_ticks: int = 0, proc: str = "/proc") -
     hz = os.sysconf("SC_CLK_TCK")
     suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
     return start_ticks * 1_000_000_000 // hz - max(0, suspended)
+
+
+def _thread_of_another(pid: int, proc: str = "/proc") -> bool:
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1]) != pid
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 @dataclass
@@ -168,6 +181,8 @@ class SystemView:
 
     # -- observer interface ------------------------------------------------------------------------------
     def on_process(self, info) -> None:
+        if _thread_of_another(info.pid, self.proc):
+            return  # a thread (sched_process_fork fires for clone() of threads too): its process has the window
         with self._lock:
             if info.pid not in self.windows:
                 self._new_window(info.pid, time.monotonic_ns(), getattr(info, "start_time", 0))
@@ -187,6 +202,8 @@ class SystemView:
                     if ev.pid in self.windows:
                         continue  # closed: later events are outside it
                     w = self._new_window(ev.pid, ev.ts_ns, 0)
+                elif ev.ts_ns < w.start_ns:  # seen before it was announced (a traced parent's child)
+                    w.start_ns = ev.ts_ns
                 if t == EV_LAUNCH or (t == EV_CALL and ev.func in _RUNTIME_LAUNCH):
                     if w.end_ns is None or ev.ts_ns < w.end_ns:
                         if w.end_ns is None:

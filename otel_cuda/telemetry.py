@@ -280,8 +280,12 @@ class Telemetry:
         key = self.joiner.config.instance_key
         if key == "host":
             return None
-        api_pid = resource.get("vllm.process_id")
-        if key == "auto" and isinstance(api_pid, int):
+        api_pid = resource.get("vllm.process_id")  # a string in vLLM 0.32, an int in some releases
+        try:
+            api_pid = int(api_pid) if api_pid is not None else None
+        except (TypeError, ValueError):
+            api_pid = None
+        if key == "auto" and api_pid is not None:
             children = {pid for pid, anc in self.ancestors.items() if api_pid in anc}
             if children:
                 return children

@@ -1,7 +1,8 @@
 """End-to-end fixtures: a real vLLM (the CPU build in .venv-vllm) serving a tiny locally built Llama.
 
-`bash scripts/setup-vllm.sh` makes .venv-vllm (OTEL_CUDA_VLLM_VENV names another). Without it these tests are skipped, with the reason, unless
-OTEL_CUDA_REQUIRE_VLLM is set (CI sets it): then a missing or broken vLLM fails them.
+`bash scripts/setup-vllm.sh` makes .venv-vllm (OTEL_CUDA_VLLM_VENV names another). Without it these tests are
+skipped, with the reason, unless OTEL_CUDA_REQUIRE_VLLM is set (CI sets it): then a missing or broken vLLM fails
+them. The model is built into .cache/tiny-llama (OTEL_CUDA_TINY_LLAMA names another place).
 
     def test_x(start_vllm):
         with start_vllm("http://127.0.0.1:4317") as base_url:   # waits for /health (up to 180 s)

@@ -71,3 +71,36 @@ def test_span_tree_at_the_downstream_receiver(demo):
             assert kid["attributes"]["cuda.launches"] + kid["attributes"]["cuda.graph_launches"] > 0
         assert req["parent_span_id"], "loadgen sent a traceparent: llm_request is its child"
         assert req["parent_span_id"] not in by_id  # the caller's span is not ours
+
+
+def test_replay_reexports_the_archive_as_the_live_sidecar_did(demo):
+    from otel_cuda.otlp_sink import OtlpSink
+
+    result, workdir = demo
+    live = read_otlp_json(workdir / "downstream-otlp.jsonl")
+    with OtlpSink(grpc_address="127.0.0.1:0") as sink:
+        out = subprocess.run([sys.executable, "-m", "otel_cuda.cli", "replay", str(workdir / "archive"),
+                              "--otlp-endpoint", f"http://127.0.0.1:{sink.grpc_port}"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        sink.wait_for(lambda: "cuda.api.calls" in sink.metric_names(), 10)
+        replayed = sink.spans()
+        latest = {}  # cumulative points: each export repeats the series, the last one is the total
+        for point in sink.metric_points("cuda.api.calls"):
+            latest[tuple(sorted(point["attributes"].items()))] = point
+        calls = {}
+        for point in latest.values():
+            f = point["attributes"]["cuda.function"]
+            calls[f] = calls.get(f, 0) + point["value"]
+    count = lambda spans, name: sum(1 for s in spans if s["name"] == name)  # noqa: E731
+    assert count(replayed, "cuda.step") == count(live, "cuda.step") == result["steps"]
+    assert count(replayed, "cuda.prefill") == count(live, "cuda.prefill") == result["requests"]
+    live_steps = sorted((s["start_ns"], s["end_ns"], s["attributes"]["cuda.launches"]) for s in live if s["name"] == "cuda.step")
+    replayed_steps = sorted((s["start_ns"], s["end_ns"], s["attributes"]["cuda.launches"]) for s in replayed
+                            if s["name"] == "cuda.step")
+    assert replayed_steps == live_steps, "replayed steps keep their original times and contents"
+    expected = {}
+    for (f, n) in result["events_expected"].items():
+        expected[f] = expected.get(f, 0) + n
+    assert all(calls[f] >= n for f, n in expected.items())
+    assert sum(calls.values()) == result["events_captured_total"]

@@ -36,7 +36,8 @@ SIDECAR_FAMILIES = {
     "cuda_memory_allocated_bytes", "cuda_memory_allocations_total", "cuda_sync_duration_seconds",
     "cuda_step_duration_seconds", "otel_cuda_events_total",
 }
-SYSTEM_FAMILIES = {"process_disk_io_bytes_total", "process_context_switches_total", "process_cpu_off_time_seconds_total"}
+SYSTEM_FAMILIES = {"process_disk_io_bytes_total", "process_context_switches_total",
+                   "cuda_thread_off_cpu_time_seconds_total", "cuda_device_opens_total"}  # otel_cuda/system.py
 
 
 def _family(name: str) -> str:

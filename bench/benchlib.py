@@ -72,52 +72,125 @@ def machine() -> dict:
 # ---- the micro-benchmark process ------------------------------------------------------------------------------
 
 class Driver:
-    """testbed/build/bench_driver --serve, pinned to `cpus`: one process, one call site, for every variant."""
+    """testbed/build/bench_driver --serve pinned to `cpus`, with one private copy of the fake libcuda per variant
+    (`variants`, in order). Uprobes are per inode: each variant's tracer attaches to its own copy, and other users
+    of this machine (whose sidecars and tests attach to testbed/build/libcuda.so.1) never fire in ours. A flat-out
+    run interleaves the copies chunk by chunk (see testbed/bench_driver.c), so the variants share every drift."""
 
-    def __init__(self, cpus: str = "1", env: dict | None = None):
-        # A private copy of the driver and the fake libcuda (RUNPATH $ORIGIN): uprobes are per inode, and other
-        # users of this machine attach their sidecars and tests to testbed/build/libcuda.so.1; their probes would
-        # fire (and cost a trap) in our "no probe" variant. A file of our own is traced by us alone.
+    def __init__(self, variants=("none",), cpus: str = "1", env: dict | None = None):
         self.dir = tempfile.mkdtemp(prefix="otel-cuda-bench-")
-        for f in (DRIVER, LIBCUDA):
-            shutil.copy2(f, self.dir)
+        shutil.copy2(DRIVER, self.dir)
+        self.variants = list(variants)
+        self.libs: dict[str, str] = {}
+        for v in self.variants:
+            os.makedirs(os.path.join(self.dir, v))
+            self.libs[v] = os.path.join(self.dir, v, LIBCUDA.name)
+            shutil.copy2(LIBCUDA, self.libs[v])
         full_env = {**os.environ, "FAKE_CUDA_SYNC_US": "0", **(env or {})}
         cmd = [os.path.join(self.dir, DRIVER.name), "--serve"]
+        for v in self.variants:
+            cmd += ["--lib", self.libs[v]]
         if cpus:
             cmd = ["taskset", "-c", cpus] + cmd
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env)
-        ready = json.loads(self.proc.stdout.readline())
-        self.pid = ready["pid"]
-        self.lib_path = os.path.join(self.dir, LIBCUDA.name)
-        st = os.stat(self.lib_path)
-        self.lib_identity = (st.st_dev, st.st_ino)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench_driver did not start (rc {self.proc.wait()})")
+        self.pid = json.loads(line)["pid"]
 
-    def _ask(self, line: str) -> dict:
+    def lib(self, variant: str) -> str:
+        return self.libs[variant]
+
+    def identity(self, variant: str) -> tuple[int, int]:
+        st = os.stat(self.libs[variant])
+        return (st.st_dev, st.st_ino)
+
+    def _send(self, line: str) -> None:
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def _read(self) -> dict:
         out = self.proc.stdout.readline()
         if not out:
             raise RuntimeError(f"bench_driver exited (rc {self.proc.poll()})")
         return json.loads(out)
 
     def run(self, func: str, n: int, rate: float = 0, threads: int = 1) -> dict:
-        return self._ask(f"run {func} {n} {rate} {threads}")
+        """{variant: the driver's figures for its copy}; a paced or threaded run uses the first copy only."""
+        self._send(f"run {func} {n} {rate} {threads}")
+        out = {}
+        while True:
+            r = self._read()
+            if r.get("done"):
+                return out
+            if "error" in r:
+                raise RuntimeError(r["error"])
+            out[self.variants[r["lib"]]] = r
 
     def name(self) -> None:
-        self._ask("name")
-
-    def set_cpus(self, cpus: str) -> None:
-        """Re-pin every thread of the driver (threads it starts later inherit the process's mask)."""
-        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(self.pid)], check=True, capture_output=True)
+        self._send("name")
+        self._read()
 
     def close(self) -> None:
         try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
+            self._send("quit")
             self.proc.wait(5)
         except Exception:  # noqa: BLE001
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Tracer:
+    """bench/tracer.py in a process of its own (pinned to `cpus`): our probes on one copy, the sidecar consuming."""
+
+    def __init__(self, lib: str, pid: int, cpus: str = "0", proposed: bool = False, archive: str | None = None,
+                 consumer: str = "sidecar", symbols: str | None = None, ringbuf_pages: int | None = None):
+        py = sys.executable
+        cmd = [py, str(Path(__file__).with_name("tracer.py")), "--lib", lib, "--pid", str(pid), "--consumer", consumer]
+        if proposed:
+            cmd.append("--proposed")
+        if archive:
+            cmd += ["--archive", archive]
+        if symbols:
+            cmd += ["--symbols", symbols]
+        if ringbuf_pages:
+            cmd += ["--ringbuf-pages", str(ringbuf_pages)]
+        if cpus:
+            cmd += ["--cpus", cpus]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self._read()
+        if not ready.get("ready"):
+            raise RuntimeError(f"tracer did not start: {ready}")
+        self.kind = ready["kind"]
+        self.pid = ready["pid"]
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"tracer exited (rc {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def _ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stats(self) -> dict:
+        return self._ask("stats")
+
+    def wait(self, symbol: str, n: int, archive: bool) -> dict:
+        return self._ask(f"wait {symbol} {n} {int(archive)}")
+
+    def close(self) -> dict:
+        try:
+            out = self._ask("quit")
+            self.proc.wait(120)
+            return out
+        except Exception as exc:  # noqa: BLE001
+            self.proc.kill()
+            return {"error": str(exc)}
 
 
 # ---- the floors: empty BPF programs ---------------------------------------------------------------------------

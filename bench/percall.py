@@ -1,19 +1,25 @@
 """bench/cpu — per-call cost on the fake driver, every variant side by side in one run.
 
-Method: one bench_driver process (testbed/bench_driver.c) pinned to one core makes N calls of one fake driver
-function in a tight loop and times itself with CLOCK_MONOTONIC; the tracer (this process: BCC, the in-process
-sidecar) and bpftrace are pinned to the other core. For each of R rounds, in an order rotated per round:
+Method. One bench_driver process (testbed/bench_driver.c), pinned to one core, has a private copy of the fake
+libcuda.so.1 per variant (uprobes are per inode, so each variant's tracer attaches to its own copy):
 
-  none_launch / none_timed   no probe (the call itself: a few ns)
-  floor_entry                empty BPF program on cuLaunchKernel entry (BCC)
-  ours_launch                otel_cuda.bpf.Probes on cuLaunchKernel (default: entry only), the sidecar consuming
-  floor_entry_return         empty BPF programs on entry + return of the timed function
-  ours_timed                 otel_cuda.bpf.Probes on the timed function (entry + return: its duration recorded)
-  seed_bpftrace              bpftrace printing one JSON line per cuLaunchKernel call into a file (the seeds' design)
+  none           no probe (the call itself: a few ns)
+  floor          empty BPF programs (BCC, `int e(void *ctx) { return 0; }`): entry on cuLaunchKernel, entry +
+                 return on the timed function
+  ours           otel_cuda.bpf.Probes as the sidecar loads it (default settings: launch entry-only, the timed
+                 function entry + return), the sidecar's stages consuming the ring buffer in a process of their
+                 own (bench/tracer.py: telemetry and the archive, as `otel-cuda run` builds them)
+  seed           bpftrace printing one JSON line per cuLaunchKernel call into a file (the seeds' design)
+  proposed       (--proposed) ours with the proposed ring-buffer wakeup policy (benchlib.WAKE_HELPER)
 
-Overhead of a variant = its ns/call minus the no-probe ns/call of the same function in the same round; ratios
-are taken per round and the median over rounds is reported. The consumer's CPU (this process's rusage while the
-events are read, decoded, aggregated, archived) and bpftrace's CPU (/proc/PID/stat) are reported per event.
+All tracers stay attached for the whole run and sit on the other core. Each round makes N calls of cuLaunchKernel
+per copy, then N of the timed function (cuStreamSynchronize with FAKE_CUDA_SYNC_US=0, or cuMemcpyHtoD_v2),
+interleaved 32 calls per copy at a time, so all variants are measured in the same milliseconds. Per-call cost =
+the elapsed time of the median 32-call chunk / 32 (other processes' time slices drop out); overhead = that minus
+the no-probe copy's; ratios per round, median over rounds. The consumers' CPU (the tracer process's rusage,
+bpftrace's /proc/PID/stat) is reported per event; lost events are counted for both (ours: the kernel's `lost`
+counter, queue drops and events missing from the count; bpftrace: "Lost N events" and lines missing from its file).
+With the kernel's run-time statistics (BPF_ENABLE_STATS) the BPF program bodies' own ns per run are reported too.
 """
 
 from __future__ import annotations
@@ -30,16 +36,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib as bl  # noqa: E402
 
-VARIANTS = ("none_launch", "floor_entry", "ours_launch", "seed_bpftrace", "none_timed", "floor_entry_return",
-            "ours_timed")  # with --proposed, ours_launch_proposed and ours_timed_proposed follow their current twin
+CHUNK = 32
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="bench/cpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--n", type=int, default=20000, help="calls per traced variant per round")
-    ap.add_argument("--n-none", type=int, default=2000000, help="calls per no-probe variant per round")
-    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--n", type=int, default=8000, help="calls per variant per round and function")
+    ap.add_argument("--warmup", type=int, default=1024)
     ap.add_argument("--timed-func", choices=("sync", "htod"), default="sync",
                     help="the call whose duration we record: cuStreamSynchronize (FAKE_CUDA_SYNC_US=0) or "
                          "cuMemcpyHtoD_v2")
@@ -52,6 +56,9 @@ def parse_args(argv=None):
                     help="also measure the proposed ring-buffer wakeup policy (benchlib.WAKE_HELPER) side by side")
     ap.add_argument("--no-ingest", action="store_true", help="skip the ingest suite (bench/ingest)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and calls (and a quick ingest suite)")
+    ap.add_argument("--metric", choices=("median", "p10", "cpu", "wall"), default="median",
+                    help="per-call cost: elapsed time of the median 32-call chunk (default), of the 10th "
+                         "percentile chunk, the driver thread's CPU time, or the mean elapsed time")
     ap.add_argument("--tracer-cpu", default="0")
     ap.add_argument("--workload-cpu", default="1")
     ap.add_argument("--json", action="store_true", help="print one JSON object (the figures) on stdout")
@@ -59,8 +66,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 3)
-        args.n = min(args.n, 10000)
-        args.n_none = min(args.n_none, 1000000)
+        args.n = min(args.n, 4000)
     return args
 
 
@@ -70,180 +76,131 @@ class PerCall:
         self.timed = args.timed_func
         self.timed_sym = bl.SYMBOL[self.timed]
         self.stats_fd = bl.enable_bpf_stats()
-        self.driver = bl.Driver(cpus=args.workload_cpu)
-        self.floor = bl.EmptyProbes()
+        self.variants = ["none", "floor", "ours"] + ([] if args.no_seed else ["seed"]) + (
+            ["proposed"] if args.proposed else [])
+        self.driver = d = bl.Driver(self.variants, cpus=args.workload_cpu)
         self.archive_dirs: list[str] = []
-        self.tracers = {"ours": self._tracer(bl.load_probes())}
-        if args.proposed:
-            self.tracers["ours_proposed"] = self._tracer(bl.load_proposed_probes())
-        self.sidecar = self.tracers["ours"][1]
-        self.probes = self.tracers["ours"][0]
+        self.floor = bl.EmptyProbes()
+        self.floor.attach(d.lib("floor"), "cuLaunchKernel", False)
+        self.floor.attach(d.lib("floor"), self.timed_sym, True)
+        self.floor_fds = {"entry_launch": bl.prog_fds(self.floor.bpf, ["e"]), "timed": bl.prog_fds(self.floor.bpf, ["e", "r"])}
+        self.tracers: dict[str, bl.Tracer] = {}
+        for v in ("ours", "proposed"):
+            if v in self.variants:
+                archive = None
+                if not args.no_archive:
+                    archive = tempfile.mkdtemp(prefix=f"bench-archive-{v}-")
+                    self.archive_dirs.append(archive)
+                self.tracers[v] = bl.Tracer(d.lib(v), d.pid, cpus=args.tracer_cpu, proposed=v == "proposed",
+                                            archive=archive, consumer=args.consumer,
+                                            symbols=f"cuLaunchKernel,{self.timed_sym},cuModuleGetFunction")
+        self.seed = None
+        if "seed" in self.variants:
+            self.seed = bl.SeedBpftrace(d.lib("seed"), "cuLaunchKernel", d.pid, cpus=args.tracer_cpu)
+            self.seed_pokes = self.seed.wait_attached(lambda: d.run("launch", CHUNK)) * CHUNK
+        d.name()  # the kernel's name event, seen by the tracers attached now: their launches are named
+        d.run("launch", args.warmup)
+        d.run(self.timed, args.warmup)
         self.rounds: list[dict] = []
 
-    def _tracer(self, probes):
-        archive_dir = None
-        if not self.args.no_archive:
-            archive_dir = tempfile.mkdtemp(prefix="bench-archive-")
-            self.archive_dirs.append(archive_dir)
-        sc = bl.InProcessSidecar(probes, self.driver.pid, archive_dir, full=self.args.consumer == "sidecar")
-        sc.start()
-        return probes, sc
+    def cost(self, r: dict) -> float:
+        return {"median": r["median_ns_per_call"], "p10": r["p10_ns_per_call"], "cpu": r["cpu_ns_per_call"],
+                "wall": r["ns_per_call"]}[self.args.metric]
 
-    # one variant -------------------------------------------------------------------------------------------------
-    def none(self, func: str) -> dict:
-        r = self.driver.run(func, self.args.n_none)
-        return {"ns_per_call": r["ns_per_call"], "calls": r["n"]}
-
-    def floor_variant(self, func: str, returns: bool) -> dict:
-        self.floor.attach(self.driver.lib_path, bl.SYMBOL[func], returns)
-        try:
-            self.driver.run(func, self.args.warmup)
-            timer = bl.ProgTimer(bl.prog_fds(self.floor.bpf, ["e", "r"] if returns else ["e"]))
-            r = self.driver.run(func, self.args.n)
-            prog = timer.result()
-        finally:
-            self.floor.detach()
-        return {"ns_per_call": r["ns_per_call"], "calls": r["n"], "bpf_ns_per_run": sum(
-            v for v in prog.values() if v is not None) if self.stats_fd is not None else None}
-
-    def ours(self, func: str, which: str = "ours") -> dict:
-        probes, sc = self.tracers[which]
-        d = self.driver
+    def one(self, func: str) -> dict:
+        """One interleaved run of `func` on every copy, with what each tracer did meanwhile."""
         sym = bl.SYMBOL[func]
-        attach = (bl.probe(sym), bl.probe("cuModuleGetFunction"))
-        missing = probes.attach_library(d.lib_identity, d.lib_path, attach)
-        assert not missing, missing
         archive = bool(self.archive_dirs)
-        try:
-            d.name()  # the kernel's name event: launches after it are named
-            d.run(func, self.args.warmup)
-            sc.wait_calls(sym, sc.calls(sym) + self.args.warmup, archive=archive)
-            names = sc.pipeline.names
-            named0, unknown0 = names.launches_named, names.launches_unknown
-            calls0, lost0, drop0 = sc.calls(sym), probes.lost(), sc.dropped()
-            timer = bl.ProgTimer(bl.prog_fds(probes._bpf, [f"entry_{sym}", f"return_{sym}"]))
-            cpu0, t0 = bl.cpu_self(), time.monotonic()
-            r = d.run(func, self.args.n)
-            prog = timer.result()
-            got = sc.wait_calls(sym, calls0 + r["n"], archive=archive) - calls0
-            cpu1, t1 = bl.cpu_self(), time.monotonic()
-        finally:
-            probes.detach_library(d.lib_identity)
-        lost = probes.lost() - lost0
-        dropped = sc.dropped() - drop0
-        named = names.launches_named - named0
-        unknown = names.launches_unknown - unknown0
-        return {"ns_per_call": r["ns_per_call"], "calls": r["n"], "events": got, "lost_ringbuf": lost,
-                "dropped": dropped, "missing": r["n"] - got,
-                "consumer_cpu_s": cpu1 - cpu0, "consumer_wall_s": t1 - t0,
-                "consumer_cpu_ns_per_event": (cpu1 - cpu0) * 1e9 / max(got, 1),
-                "bpf_ns_per_run": sum(v for v in prog.values() if v is not None) if self.stats_fd is not None else None,
-                "named_share": named / (named + unknown) if func == "launch" and named + unknown else None}
-
-    def seed(self) -> dict:
-        d = self.driver
-        seed = bl.SeedBpftrace(d.lib_path, "cuLaunchKernel", d.pid, cpus=self.args.tracer_cpu)
-        try:
-            pokes = seed.wait_attached(lambda: d.run("launch", 1))
-            d.run("launch", self.args.warmup)
-            before = seed.wait_output(pokes + self.args.warmup)
-            cpu0 = seed.cpu()
-            r = d.run("launch", self.args.n)
-            lines = seed.wait_output(before + r["n"]) - before
-            cpu1 = seed.cpu()
-        finally:
-            res = seed.stop()
-            shutil.rmtree(seed.dir, ignore_errors=True)
-        lost_lines = max(0, r["n"] - lines)
-        return {"ns_per_call": r["ns_per_call"], "calls": r["n"], "lines": lines, "reported_lost": res["reported_lost"],
-                "lost": max(lost_lines, res["reported_lost"]), "tracer_cpu_s": cpu1 - cpu0,
-                "tracer_cpu_ns_per_event": (cpu1 - cpu0) * 1e9 / max(lines, 1)}
-
-    def variant(self, name: str) -> dict:
-        if name == "none_launch":
-            return self.none("launch")
-        if name == "none_timed":
-            return self.none(self.timed)
-        if name == "floor_entry":
-            return self.floor_variant("launch", False)
-        if name == "floor_entry_return":
-            return self.floor_variant(self.timed, True)
-        if name.startswith("ours_"):
-            func = "launch" if name.startswith("ours_launch") else self.timed
-            return self.ours(func, "ours_proposed" if name.endswith("_proposed") else "ours")
-        if name == "seed_bpftrace":
-            return self.seed()
-        raise ValueError(name)
-
-    # the run -----------------------------------------------------------------------------------------------------
-    def variants(self) -> list[str]:
-        out = []
-        for v in VARIANTS:
-            if self.args.no_seed and v == "seed_bpftrace":
-                continue
-            out.append(v)
-            if self.args.proposed and v in ("ours_launch", "ours_timed"):
-                out.append(v + "_proposed")
+        before = {v: t.stats() for v, t in self.tracers.items()}
+        seed0 = (self.seed.lines(), self.seed.cpu()) if self.seed else None
+        floor_timer = bl.ProgTimer(self.floor_fds["entry_launch" if func == "launch" else "timed"])
+        res = self.driver.run(func, self.args.n)
+        floor_prog = floor_timer.result()
+        out = {v: {"ns_per_call": self.cost(r), "median_ns_per_call": r["median_ns_per_call"],
+                   "p10_ns_per_call": r["p10_ns_per_call"], "cpu_ns_per_call": r["cpu_ns_per_call"],
+                   "wall_ns_per_call": r["ns_per_call"], "calls": r["n"]} for v, r in res.items()}
+        if self.stats_fd is not None:
+            out["floor"]["bpf_ns_per_run"] = sum(x for x in floor_prog.values() if x is not None)
+        for v, t in self.tracers.items():
+            b = before[v]
+            n = res[v]["n"]
+            a = t.wait(sym, b["calls"].get(sym, 0) + n, archive)
+            got = a["calls"].get(sym, 0) - b["calls"].get(sym, 0)
+            o = out[v]
+            o.update(events=got, missing=n - got, lost_ringbuf=a["lost"] - b["lost"], dropped=a["dropped"] - b["dropped"],
+                     consumer_cpu_s=a["cpu_s"] - b["cpu_s"], consumer_cpu_ns_per_event=(a["cpu_s"] - b["cpu_s"]) * 1e9 / max(got, 1),
+                     batches=a["batches"] - b["batches"])
+            if func == "launch":
+                named, unknown = a["named"] - b["named"], a["unknown"] - b["unknown"]
+                o["named_share"] = named / (named + unknown) if named + unknown else None
+            body = 0.0
+            for kind in ("entry", "return"):
+                x0, x1 = b["bpf"][sym][kind], a["bpf"][sym][kind]
+                if x0 and x1 and x1[1] > x0[1]:
+                    body += (x1[0] - x0[0]) / (x1[1] - x0[1])
+            o["bpf_ns_per_run"] = body if self.stats_fd is not None else None
+        if self.seed and func == "launch":
+            n = res["seed"]["n"]
+            lines = self.seed.wait_output(seed0[0] + n) - seed0[0]
+            cpu = self.seed.cpu() - seed0[1]
+            out["seed"].update(lines=lines, lost=max(0, n - lines), tracer_cpu_s=cpu,
+                               tracer_cpu_ns_per_event=cpu * 1e9 / max(lines, 1))
         return out
 
     def run(self) -> dict:
-        variants = self.variants()
         for i in range(self.args.rounds):
-            k = i % len(variants)
-            order = variants[k:] + variants[:k]
-            rnd = {"order": order}
-            for v in order:
+            rnd = {}
+            for func in ("launch", self.timed):
                 try:
-                    rnd[v] = self.variant(v)
-                except Exception as exc:  # noqa: BLE001 - a failed variant is reported, the rest goes on
-                    bl.log(f"round {i + 1}: {v} failed: {exc}")
-                    rnd[v] = {"error": str(exc)}
+                    rnd[func if func == "launch" else "timed"] = self.one(func)
+                except Exception as exc:  # noqa: BLE001 - a failed run is reported, the rest goes on
+                    bl.log(f"round {i + 1}: {func} failed: {exc}")
+                    rnd[func if func == "launch" else "timed"] = {"error": str(exc)}
             self.rounds.append(rnd)
-            bl.log(f"round {i + 1}/{self.args.rounds}: " + ", ".join(
-                f"{v}={rnd[v].get('ns_per_call', float('nan')):.0f}ns" for v in variants))
-        return self.summarise(variants)
+            bl.log(f"round {i + 1}/{self.args.rounds}: " + "; ".join(
+                f"{k}: " + ", ".join(f"{v}={x.get('ns_per_call', float('nan')):.0f}" for v, x in rnd[k].items()
+                                     if isinstance(x, dict)) for k in ("launch", "timed")))
+        return self.summarise()
 
-    def summarise(self, variants) -> dict:
-        def ns(r, v):
-            return r.get(v, {}).get("ns_per_call")
-
-        def overhead(r, v):
-            base = "none_launch" if v in ("floor_entry", "seed_bpftrace") or v.startswith("ours_launch") \
-                else "none_timed"
-            a, b = ns(r, v), ns(r, base)
-            return None if a is None or b is None else a - b
-
+    def summarise(self) -> dict:
         def ratio(a, b):
             return None if a is None or b is None or b <= 0 else a / b
 
+        def oh(rnd, v):
+            base, x = rnd.get("none", {}).get("ns_per_call"), rnd.get(v, {}).get("ns_per_call")
+            return None if base is None or x is None else x - base
+
         per_round = []
         for r in self.rounds:
-            oh = {v: overhead(r, v) for v in variants if not v.startswith("none")}
-            ours_l, seed = r.get("ours_launch", {}), r.get("seed_bpftrace", {})
-            ours_total = None if oh.get("ours_launch") is None else oh["ours_launch"] + ours_l.get(
-                "consumer_cpu_ns_per_event", 0)
-            seed_total = None if oh.get("seed_bpftrace") is None else oh["seed_bpftrace"] + seed.get(
-                "tracer_cpu_ns_per_event", 0)
+            L, T = r.get("launch", {}), r.get("timed", {})
+            ours_l, seed = L.get("ours", {}), L.get("seed", {})
+            ours_total = None if oh(L, "ours") is None else oh(L, "ours") + ours_l.get("consumer_cpu_ns_per_event", 0)
+            seed_total = None if oh(L, "seed") is None else oh(L, "seed") + seed.get("tracer_cpu_ns_per_event", 0)
             per_round.append({
-                "overhead_ns": oh,
-                "launch_proposed_vs_entry_floor": ratio(oh.get("ours_launch_proposed"), oh.get("floor_entry")),
-                "timed_proposed_vs_entry_return_floor": ratio(oh.get("ours_timed_proposed"),
-                                                              oh.get("floor_entry_return")),
-                "proposed_vs_seed": ratio(oh.get("ours_launch_proposed"), oh.get("seed_bpftrace")),
-                "launch_vs_entry_floor": ratio(oh.get("ours_launch"), oh.get("floor_entry")),
-                "timed_vs_entry_return_floor": ratio(oh.get("ours_timed"), oh.get("floor_entry_return")),
-                "ours_vs_seed": ratio(oh.get("ours_launch"), oh.get("seed_bpftrace")),
+                "overhead_ns": {"launch": {v: oh(L, v) for v in self.variants if v != "none"},
+                                "timed": {v: oh(T, v) for v in self.variants if v not in ("none", "seed")}},
+                "launch_vs_entry_floor": ratio(oh(L, "ours"), oh(L, "floor")),
+                "timed_vs_entry_return_floor": ratio(oh(T, "ours"), oh(T, "floor")),
+                "ours_vs_seed": ratio(oh(L, "ours"), oh(L, "seed")),
                 "ours_vs_seed_total_cpu": ratio(ours_total, seed_total),
-                "entry_return_floor_vs_entry_floor": ratio(oh.get("floor_entry_return"), oh.get("floor_entry")),
+                "proposed_launch_vs_entry_floor": ratio(oh(L, "proposed"), oh(L, "floor")),
+                "proposed_timed_vs_entry_return_floor": ratio(oh(T, "proposed"), oh(T, "floor")),
+                "proposed_vs_seed": ratio(oh(L, "proposed"), oh(L, "seed")),
+                "entry_return_floor_vs_entry_floor": ratio(oh(T, "floor"), oh(L, "floor")),
             })
 
         def med(key):
             return bl.median([p[key] for p in per_round])
 
-        def total(v, key):
-            vals = [r.get(v, {}).get(key) for r in self.rounds]
-            vals = [x for x in vals if x is not None]
+        def col(run, v, key):
+            return [r.get(run, {}).get(v, {}).get(key) for r in self.rounds]
+
+        def total(run, v, key):
+            vals = [x for x in col(run, v, key) if x is not None]
             return sum(vals) if vals else None
+
+        def lost(v):
+            return sum((total(run, v, k) or 0) for run in ("launch", "timed") for k in ("lost_ringbuf", "dropped", "missing"))
 
         out = {
             "suite": "cpu",
@@ -251,39 +208,34 @@ class PerCall:
             "percall_timed_ratio_vs_entry_return_floor": med("timed_vs_entry_return_floor"),
             "seed_bpftrace_ratio": med("ours_vs_seed"),
             "seed_bpftrace_ratio_total_cpu": med("ours_vs_seed_total_cpu"),
-            "proposed": {
-                "percall_launch_ratio_vs_entry_floor": med("launch_proposed_vs_entry_floor"),
-                "percall_timed_ratio_vs_entry_return_floor": med("timed_proposed_vs_entry_return_floor"),
-                "seed_bpftrace_ratio": med("proposed_vs_seed"),
-                "consumer_cpu_ns_per_event": {
-                    "launch": bl.median([r.get("ours_launch_proposed", {}).get("consumer_cpu_ns_per_event")
-                                         for r in self.rounds]),
-                    "timed": bl.median([r.get("ours_timed_proposed", {}).get("consumer_cpu_ns_per_event")
-                                        for r in self.rounds])},
-                "lost": sum((total(v, k) or 0) for v in ("ours_launch_proposed", "ours_timed_proposed")
-                            for k in ("lost_ringbuf", "dropped", "missing")),
-            } if self.args.proposed else None,
-            "seed_bpftrace_lost": total("seed_bpftrace", "lost"),
-            "seed_bpftrace_calls": total("seed_bpftrace", "calls"),
-            "ours_lost": sum((total(v, k) or 0) for v in ("ours_launch", "ours_timed")
-                             for k in ("lost_ringbuf", "dropped", "missing")),
-            "ours_events": (total("ours_launch", "events") or 0) + (total("ours_timed", "events") or 0),
-            "launches_named_share": bl.median([r.get("ours_launch", {}).get("named_share") for r in self.rounds]),
-            "ns_per_call": {v: bl.median([ns(r, v) for r in self.rounds]) for v in variants},
-            "overhead_ns": {v: bl.median([p["overhead_ns"].get(v) for p in per_round])
-                            for v in variants if not v.startswith("none")},
+            "seed_bpftrace_lost": total("launch", "seed", "lost"),
+            "seed_bpftrace_calls": total("launch", "seed", "calls"),
+            "ours_lost": lost("ours"),
+            "ours_events": (total("launch", "ours", "events") or 0) + (total("timed", "ours", "events") or 0),
+            "launches_named_share": bl.median(col("launch", "ours", "named_share")),
+            "ns_per_call": {run: {v: bl.median(col(run, v, "ns_per_call")) for v in self.variants}
+                            for run in ("launch", "timed")},
+            "overhead_ns": {run: {v: bl.median([p["overhead_ns"][run].get(v) for p in per_round])
+                                  for v in self.variants if v != "none" and not (run == "timed" and v == "seed")}
+                            for run in ("launch", "timed")},
+            "bpf_ns_per_run": {run: {v: bl.median(col(run, v, "bpf_ns_per_run")) for v in ("floor", "ours", "proposed")
+                                     if v in self.variants} for run in ("launch", "timed")},
             "entry_return_floor_vs_entry_floor": med("entry_return_floor_vs_entry_floor"),
-            "consumer_cpu_ns_per_event": {
-                "launch": bl.median([r.get("ours_launch", {}).get("consumer_cpu_ns_per_event") for r in self.rounds]),
-                "timed": bl.median([r.get("ours_timed", {}).get("consumer_cpu_ns_per_event") for r in self.rounds])},
-            "bpf_ns_per_run": {v: bl.median([r.get(v, {}).get("bpf_ns_per_run") for r in self.rounds])
-                               for v in variants if v.startswith(("floor", "ours"))},
-            "seed_bpftrace_cpu_ns_per_event": bl.median(
-                [r.get("seed_bpftrace", {}).get("tracer_cpu_ns_per_event") for r in self.rounds]),
+            "consumer_cpu_ns_per_event": {run: bl.median(col(run, "ours", "consumer_cpu_ns_per_event"))
+                                          for run in ("launch", "timed")},
+            "seed_bpftrace_cpu_ns_per_event": bl.median(col("launch", "seed", "tracer_cpu_ns_per_event")),
+            "proposed": {
+                "percall_launch_ratio_vs_entry_floor": med("proposed_launch_vs_entry_floor"),
+                "percall_timed_ratio_vs_entry_return_floor": med("proposed_timed_vs_entry_return_floor"),
+                "seed_bpftrace_ratio": med("proposed_vs_seed"),
+                "consumer_cpu_ns_per_event": {run: bl.median(col(run, "proposed", "consumer_cpu_ns_per_event"))
+                                              for run in ("launch", "timed")},
+                "lost": lost("proposed"),
+            } if "proposed" in self.variants else None,
             "timed_function": self.timed_sym,
-            "consumer": self.sidecar.kind,
-            "params": {k: getattr(self.args, k) for k in ("rounds", "n", "n_none", "warmup", "tracer_cpu",
-                                                          "workload_cpu")},
+            "consumer": next(iter(self.tracers.values())).kind if self.tracers else None,
+            "params": {k: getattr(self.args, k) for k in ("rounds", "n", "warmup", "metric", "tracer_cpu",
+                                                          "workload_cpu")} | {"chunk": CHUNK},
             "per_round": per_round,
             "rounds": self.rounds,
         }
@@ -291,10 +243,13 @@ class PerCall:
 
     def close(self) -> None:
         try:
-            for name, (_probes, sc) in self.tracers.items():
-                summary = sc.stop()
-                bl.log(f"{name} sidecar summary: lost_ringbuf={summary.get('lost_ringbuf')} "
-                       f"dropped_queue={summary.get('dropped_queue')} archived={summary.get('archived')}")
+            if self.seed:
+                res = self.seed.stop()
+                if res["reported_lost"]:
+                    bl.log(f"bpftrace reported {res['reported_lost']} lost events")
+                shutil.rmtree(self.seed.dir, ignore_errors=True)
+            for name, t in self.tracers.items():
+                bl.log(f"{name} tracer: {t.close()}")
         finally:
             self.floor.close()
             self.driver.close()
@@ -303,14 +258,17 @@ class PerCall:
 
 
 def table(res: dict) -> str:
-    ns, oh, prog = res["ns_per_call"], res["overhead_ns"], res.get("bpf_ns_per_run", {})
-
     def f(x, fmt="{:.3f}"):
         return "n/a" if x is None else fmt.format(x)
 
-    lines = ["variant                 ns/call  overhead ns  BPF body ns/run", "-" * 62]
-    for v, n in ns.items():
-        lines.append(f"{v:<22} {f(n, '{:>8.0f}')}  {f(oh.get(v), '{:>11.0f}')}  {f(prog.get(v), '{:>15.0f}')}")
+    lines = ["variant    run     ns/call  overhead ns  BPF body ns/run", "-" * 58]
+    for run in ("launch", "timed"):
+        for v, n in res["ns_per_call"][run].items():
+            if run == "timed" and v == "seed":
+                continue
+            lines.append(f"{v:<10} {run:<6} {f(n, '{:>8.0f}')}  {f(res['overhead_ns'][run].get(v), '{:>11.0f}')}  "
+                         f"{f(res['bpf_ns_per_run'][run].get(v), '{:>15.0f}')}")
+    cons = res["consumer_cpu_ns_per_event"]
     lines += ["",
               f"launch / empty entry floor           {f(res['percall_launch_ratio_vs_entry_floor'])}  (goal <= 1.2)",
               f"timed call / empty entry+ret floor   {f(res['percall_timed_ratio_vs_entry_return_floor'])}  "
@@ -319,17 +277,17 @@ def table(res: dict) -> str:
               f"ours / seed bpftrace (+ tracer CPU)  {f(res['seed_bpftrace_ratio_total_cpu'])}",
               f"seed bpftrace lost                   {res['seed_bpftrace_lost']} of {res['seed_bpftrace_calls']}",
               f"ours lost                            {res['ours_lost']} of {res['ours_events']}",
-              f"consumer CPU ns/event                {f(res['consumer_cpu_ns_per_event']['launch'], '{:.0f}')} "
-              f"(launch), {f(res['consumer_cpu_ns_per_event']['timed'], '{:.0f}')} (timed); bpftrace "
-              f"{f(res['seed_bpftrace_cpu_ns_per_event'], '{:.0f}')}",
+              f"consumer CPU ns/event                {f(cons['launch'], '{:.0f}')} (launch), "
+              f"{f(cons['timed'], '{:.0f}')} (timed); bpftrace {f(res['seed_bpftrace_cpu_ns_per_event'], '{:.0f}')}",
               f"launches named                       {f(res['launches_named_share'])}"]
     p = res.get("proposed")
     if p:
+        pc = p["consumer_cpu_ns_per_event"]
         lines += [f"proposed: launch / entry floor       {f(p['percall_launch_ratio_vs_entry_floor'])}",
                   f"proposed: timed / entry+ret floor    {f(p['percall_timed_ratio_vs_entry_return_floor'])}",
                   f"proposed: ours / seed bpftrace       {f(p['seed_bpftrace_ratio'])}",
-                  f"proposed: consumer CPU ns/event      {f(p['consumer_cpu_ns_per_event']['launch'], '{:.0f}')} "
-                  f"(launch), {f(p['consumer_cpu_ns_per_event']['timed'], '{:.0f}')} (timed); lost {p['lost']}"]
+                  f"proposed: consumer CPU ns/event      {f(pc['launch'], '{:.0f}')} (launch), "
+                  f"{f(pc['timed'], '{:.0f}')} (timed); lost {p['lost']}"]
     for k in ("ingest_events_per_s_zero_loss", "cpu_s_per_100k_events", "consumer_events_per_s_per_core"):
         if k in res:
             lines.append(f"{k:<36} {json.dumps(res[k])}")
@@ -344,18 +302,24 @@ def main(argv=None) -> int:
     bl.build_testbed()
     bl.pin_self(args.tracer_cpu)
     t0 = time.monotonic()
-    bench = PerCall(args)
+    res: dict = {}
+    bench = None
     try:
+        bench = PerCall(args)
         res = bench.run()
+    except Exception as exc:  # noqa: BLE001 - report what there is
+        bl.log(f"per-call suite failed: {exc!r}")
+        res = {"suite": "cpu", "error": repr(exc)}
     finally:
-        bench.close()
+        if bench is not None:
+            bench.close()
     res["machine"] = bl.machine()
     res["command"] = "bench/cpu " + " ".join(sys.argv[1:] if argv is None else argv)
     res["percall_wall_s"] = round(time.monotonic() - t0, 1)
     if not args.no_ingest:
         import ingest
 
-        ing = ingest.run(ingest.parse_args(["--quick"] if args.quick else []), probes=bench.probes)
+        ing = ingest.run(ingest.parse_args(["--quick"] if args.quick else []))
         res["ingest"] = ing
         for k in ("ingest_events_per_s_zero_loss", "cpu_s_per_100k_events", "consumer_events_per_s_per_core"):
             res[k] = ing.get(k)
@@ -365,8 +329,10 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=1)
     if args.json:
         print(json.dumps(res))
-    else:
+    elif "error" not in res:
         print(table(res))
+    else:
+        print(json.dumps(res, indent=1))
     return 0
 
 

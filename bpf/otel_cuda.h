@@ -162,7 +162,7 @@ enum oc_sys_kind {
 /* What an opened file is, from its path (classified in the kernel at open). */
 enum oc_file_kind {
     OC_FILE_OTHER = 0,
-    OC_FILE_WEIGHTS = 1, /* *.safetensors, *.bin, *.gguf, *.pt, *.pth */
+    OC_FILE_WEIGHTS = 1, /* *.safetensors, *.bin, *.gguf, *.pt, *.pth (not in a ...-packages directory) */
     OC_FILE_LIBRARY = 2, /* *.so, *.so.N... */
     OC_FILE_DEVICE = 3,  /* /dev/nvidia* */
     OC_FILE_UNKNOWN = 4, /* a descriptor opened before the process was traced (mmap only) */

@@ -160,7 +160,16 @@ static __always_inline void sys_flush_thread(u32 gtid)
         sys_flush(gtid, p);
 }
 
-#define SYS_AT(p, i) ((p)[(i) & (OC_NAME_LEN - 1)])
+/* p[i] for a variable i: the mask is applied in BPF itself (asm) because clang drops a mask it proves redundant,
+ * and the verifier, which tracks less than clang knows, then rejects the access. */
+_Static_assert(OC_NAME_LEN == 256, "sys_at masks with 255");
+static __always_inline char sys_at(const char *p, int i)
+{
+    u64 idx = (u32)i;
+    asm volatile("%0 &= 255" : "+r"(idx));
+    return p[idx];
+}
+#define SYS_AT(p, i) sys_at((p), (i))
 
 static __always_inline int sys_ends_with(const char *p, int len, const char *s, int slen)
 {
@@ -193,6 +202,23 @@ static __always_inline int sys_is_library(const char *p, int len)
     return 0;
 }
 
+/* Python's site-packages/NAME.pth files are path configuration, read by every interpreter at start, not PyTorch
+ * checkpoints: the last path component's directory ends in "-packages". */
+static __always_inline int sys_in_site_packages(const char *p, int len)
+{
+#pragma unroll
+    for (int i = 1; i < 64; i++) {
+        int at = len - 1 - i;
+        if (at < 9)
+            break;
+        if (SYS_AT(p, at) == '/')
+            return SYS_AT(p, at - 9) == '-' && SYS_AT(p, at - 8) == 'p' && SYS_AT(p, at - 7) == 'a' &&
+                   SYS_AT(p, at - 6) == 'c' && SYS_AT(p, at - 5) == 'k' && SYS_AT(p, at - 4) == 'a' &&
+                   SYS_AT(p, at - 3) == 'g' && SYS_AT(p, at - 2) == 'e' && SYS_AT(p, at - 1) == 's';
+    }
+    return 0;
+}
+
 /* n: what bpf_probe_read_user_str returned (length with the NUL, or < 0). */
 static __always_inline u32 sys_file_kind(const char *p, int n)
 {
@@ -205,8 +231,10 @@ static __always_inline u32 sys_file_kind(const char *p, int n)
         p[6] == 'v' && p[7] == 'i' && p[8] == 'd' && p[9] == 'i' && p[10] == 'a')
         return OC_FILE_DEVICE;
     if (sys_ends_with(p, len, ".safetensors", 12) || sys_ends_with(p, len, ".bin", 4) ||
-        sys_ends_with(p, len, ".gguf", 5) || sys_ends_with(p, len, ".pt", 3) || sys_ends_with(p, len, ".pth", 4))
+        sys_ends_with(p, len, ".gguf", 5) || sys_ends_with(p, len, ".pt", 3))
         return OC_FILE_WEIGHTS;
+    if (sys_ends_with(p, len, ".pth", 4))
+        return sys_in_site_packages(p, len) ? OC_FILE_OTHER : OC_FILE_WEIGHTS;
     if (sys_is_library(p, len))
         return OC_FILE_LIBRARY;
     return OC_FILE_OTHER;

@@ -60,7 +60,7 @@ class Probes:
         from bcc import BPF  # noqa: PLC0415 - keep bcc out of every import path but this one
 
         self.config = config
-        self._bpf = BPF(text=program_text(config), cflags=config.cflags())
+        self._bpf = BPF(text=program_text(config).encode(), cflags=config.cflags())
         self._attached: dict[tuple[int, int], list[tuple[str, str, bool]]] = {}  # inode -> (path, sym, ret)
         self._fds: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()

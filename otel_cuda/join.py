@@ -34,7 +34,7 @@ class JoinConfig:
     retention_s: float = 900.0  # long enough for long requests
     max_steps: int = 200_000  # memory cap (~200 bytes a step)
     max_links: int = 16
-    wait_s: float = 1.0  # how long a join waits for the pipeline to catch up with the window's end
+    wait_s: float = 5.0  # how long a join waits for the pipeline to catch up with the span's end
 
 
 @dataclass

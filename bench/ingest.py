@@ -1,0 +1,189 @@
+"""bench/ingest — ingest capacity: raise the event rate until the sidecar loses events.
+
+Method. The producer is bench_driver (testbed/bench_driver.c) on one core, making cuLaunchKernel calls paced to a
+target rate (calls due at start + i/rate; it sleeps when more than 200 us ahead), for --seconds per step. The
+consumer is the sidecar's stages in a process of their own on the other core (bench/tracer.py: otel_cuda.bpf.Probes
+with the default settings, telemetry, and the archive to a local directory or none). Each step raises the rate;
+the last step is flat out (the producer's own limit: one uprobe trap per call). Per step:
+
+  achieved rate         calls / elapsed time of the producer
+  lost                  the kernel's `lost` counter (ring buffer full) + events dropped between stages + events
+                        missing from the pipeline's count once it has drained
+  kept up               the consumer had processed everything within 0.5 s of the producer's last call (a step that
+                        only survived because the 4 MiB ring buffer absorbed a backlog does not count as sustained)
+  CPU s per 100k        the consumer process's CPU time (getrusage: every thread, user + system) over the step and
+                        its drain, per 100 000 events; events/s per core = 100 000 / that
+
+ingest_events_per_s_zero_loss = the highest achieved rate of a step with zero loss that kept up, all steps below it
+lossless too; cpu_s_per_100k_events = the CPU at that step. Both with the archive off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib as bl  # noqa: E402
+
+RATES = (5000, 10000, 20000, 30000, 40000, 50000, 60000, 80000, 100000, 0)  # 0 = flat out
+QUICK_RATES = (10000, 30000, 50000, 0)
+SYM = "cuLaunchKernel"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="bench/ingest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", help="comma-separated calls/s per step (0 = flat out); default " +
+                    ",".join(map(str, RATES)))
+    ap.add_argument("--seconds", type=float, default=3.0, help="producer time per step")
+    ap.add_argument("--archive", choices=("both", "off", "on"), default="both")
+    ap.add_argument("--consumer", choices=("sidecar", "pipeline"), default="sidecar")
+    ap.add_argument("--proposed", action="store_true", help="also run the proposed ring-buffer wakeup policy")
+    ap.add_argument("--keep-going", action="store_true", help="do not stop at the first step that loses events")
+    ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
+    ap.add_argument("--tracer-cpu", default="0")
+    ap.add_argument("--workload-cpu", default="1")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.rates:
+        args.rate_list = tuple(float(r) for r in args.rates.split(","))
+    else:
+        args.rate_list = QUICK_RATES if args.quick else RATES
+    if args.quick:
+        args.seconds = min(args.seconds, 1.5)
+    return args
+
+
+def sweep(args, driver: bl.Driver, archive: bool, proposed: bool) -> dict:
+    adir = tempfile.mkdtemp(prefix="bench-ingest-archive-") if archive else None
+    tracer = bl.Tracer(driver.lib("ingest"), driver.pid, cpus=args.tracer_cpu, proposed=proposed, archive=adir,
+                       consumer=args.consumer, symbols=f"{SYM},cuModuleGetFunction")
+    steps = []
+    try:
+        driver.name()
+        driver.run("launch", 2000)  # warm up: the first events build the pipeline's per-process state
+        tracer.wait(SYM, tracer.stats()["calls"].get(SYM, 0), archive)
+        for rate in args.rate_list:
+            n = int((rate if rate > 0 else 60000) * args.seconds)
+            b = tracer.stats()
+            r = driver.run("launch", n, rate=rate)["ingest"]
+            produced_at = time.monotonic()
+            a = tracer.wait(SYM, b["calls"].get(SYM, 0) + r["n"], archive)
+            got = a["calls"].get(SYM, 0) - b["calls"].get(SYM, 0)
+            lost_ring, dropped = a["lost"] - b["lost"], a["dropped"] - b["dropped"]
+            lost = lost_ring + dropped + max(0, r["n"] - got)
+            lag = max(0.0, a["t"] - produced_at)
+            cpu = a["cpu_s"] - b["cpu_s"]
+            span = r["wall_ns"] / 1e9 + lag
+            step = {"target_rate": rate or "max", "calls": r["n"], "rate": round(r["rate"]), "events": got,
+                    "lost": lost, "lost_ringbuf": lost_ring, "dropped": dropped, "drain_lag_s": round(lag, 3),
+                    "kept_up": lost == 0 and lag < 0.5, "consumer_cpu_s": round(cpu, 4),
+                    "cpu_s_per_100k_events": round(cpu * 1e5 / max(got, 1), 4),
+                    "consumer_utilisation": round(cpu / span, 3) if span > 0 else None,
+                    "producer_cpu_ns_per_call": r["cpu_ns_per_call"], "batches": a["batches"] - b["batches"]}
+            steps.append(step)
+            bl.log(f"ingest archive={'on' if archive else 'off'}{' proposed' if proposed else ''}: "
+                   f"target {step['target_rate']}/s -> {step['rate']}/s, lost {lost}, lag {lag:.2f}s, "
+                   f"{step['cpu_s_per_100k_events']:.3f} CPU s/100k, consumer at {step['consumer_utilisation']}")
+            if lost and not args.keep_going:
+                break
+    finally:
+        tracer.close()
+        if adir:
+            shutil.rmtree(adir, ignore_errors=True)
+    best = None
+    for s in steps:
+        if not s["kept_up"]:
+            break
+        best = s
+    flat = next((s for s in steps if s["target_rate"] == "max"), None)
+    if best is None:
+        limit = "consumer (lost events or fell behind at the lowest rate)"
+    elif best is steps[-1] and best is flat:
+        limit = "producer: the traced thread's uprobe trap caps the rate; the consumer kept up flat out"
+    else:
+        limit = "consumer: the next step lost events or fell behind"
+    return {"archive": archive, "proposed": proposed, "consumer": tracer.kind, "steps": steps,
+            "events_per_s_zero_loss": best["rate"] if best else 0,
+            "cpu_s_per_100k_events": best["cpu_s_per_100k_events"] if best else None,
+            "events_per_s_per_core": round(1e5 / best["cpu_s_per_100k_events"]) if best and best[
+                "cpu_s_per_100k_events"] else None,
+            "limited_by": limit}
+
+
+def run(args, driver: bl.Driver | None = None) -> dict:
+    own = driver is None
+    t0 = time.monotonic()
+    if own:
+        bl.build_testbed()
+        driver = bl.Driver(("ingest",), cpus=args.workload_cpu)
+    out: dict = {"suite": "ingest", "seconds_per_step": args.seconds}
+    sweeps = []
+    try:
+        modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.archive]
+        for proposed in (False, True) if args.proposed else (False,):
+            for archive in modes:
+                try:
+                    sweeps.append(sweep(args, driver, archive, proposed))
+                except Exception as exc:  # noqa: BLE001 - report what there is
+                    bl.log(f"ingest sweep archive={archive} proposed={proposed} failed: {exc!r}")
+                    sweeps.append({"archive": archive, "proposed": proposed, "error": repr(exc)})
+    finally:
+        if own:
+            driver.close()
+
+    def key(s):
+        return ("archive_on" if s["archive"] else "archive_off") + ("_proposed" if s["proposed"] else "")
+
+    out["sweeps"] = {key(s): s for s in sweeps}
+    out["ingest_events_per_s_zero_loss"] = {key(s): s.get("events_per_s_zero_loss") for s in sweeps}
+    out["cpu_s_per_100k_events"] = {key(s): s.get("cpu_s_per_100k_events") for s in sweeps}
+    out["consumer_events_per_s_per_core"] = {key(s): s.get("events_per_s_per_core") for s in sweeps}
+    out["limited_by"] = {key(s): s.get("limited_by") for s in sweeps}
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def table(res: dict) -> str:
+    lines = []
+    for name, s in res["sweeps"].items():
+        lines.append(f"{name}: {s.get('consumer', '')}")
+        if "error" in s:
+            lines.append(f"  failed: {s['error']}")
+            continue
+        lines.append("  target/s   achieved/s   lost   lag s  kept up  CPU s/100k  consumer busy")
+        for st in s["steps"]:
+            lines.append(f"  {str(st['target_rate']):>8} {st['rate']:>12} {st['lost']:>6} {st['drain_lag_s']:>7.2f}"
+                         f"  {str(st['kept_up']):>7} {st['cpu_s_per_100k_events']:>11.3f}  "
+                         f"{st['consumer_utilisation']}")
+        lines.append(f"  zero loss up to {s['events_per_s_zero_loss']}/s; {s['cpu_s_per_100k_events']} CPU s per 100k "
+                     f"events ({s['events_per_s_per_core']}/s per core); limited by {s['limited_by']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/ingest needs root (BPF)", file=sys.stderr)
+        return 2
+    bl.pin_self(args.tracer_cpu)
+    res = run(args)
+    res["machine"] = bl.machine()
+    res["command"] = "bench/ingest " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res) if args.json else table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -144,8 +144,9 @@ class Tracer:
     """bench/tracer.py in a process of its own (pinned to `cpus`): our probes on one copy, the sidecar consuming."""
 
     def __init__(self, lib: str, pid: int, cpus: str = "0", proposed: bool = False, archive: str | None = None,
-                 consumer: str = "sidecar", symbols: str | None = None, ringbuf_pages: int | None = None):
-        py = sys.executable
+                 consumer: str = "auto", symbols: str | None = None, ringbuf_pages: int | None = None,
+                 detached: bool = False, python: str | None = None):
+        py = python or sys.executable
         cmd = [py, str(Path(__file__).with_name("tracer.py")), "--lib", lib, "--pid", str(pid), "--consumer", consumer]
         if proposed:
             cmd.append("--proposed")
@@ -157,6 +158,8 @@ class Tracer:
             cmd += ["--ringbuf-pages", str(ringbuf_pages)]
         if cpus:
             cmd += ["--cpus", cpus]
+        if detached:
+            cmd.append("--detached")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self._read()
         if not ready.get("ready"):
@@ -182,6 +185,15 @@ class Tracer:
 
     def wait(self, symbol: str, n: int, archive: bool) -> dict:
         return self._ask(f"wait {symbol} {n} {int(archive)}")
+
+    def settle(self) -> dict:
+        return self._ask("settle")
+
+    def attach(self) -> dict:
+        return self._ask("attach")
+
+    def detach(self) -> dict:
+        return self._ask("detach")
 
     def close(self) -> dict:
         try:

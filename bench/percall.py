@@ -47,8 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--timed-func", choices=("sync", "htod"), default="sync",
                     help="the call whose duration we record: cuStreamSynchronize (FAKE_CUDA_SYNC_US=0) or "
                          "cuMemcpyHtoD_v2")
-    ap.add_argument("--consumer", choices=("sidecar", "pipeline"), default="sidecar",
-                    help="sidecar: the stages of `otel-cuda run` (telemetry, archive); pipeline: build() with the "
+    ap.add_argument("--consumer", choices=("auto", "sidecar", "pipeline"), default="auto",
+                    help="sidecar (auto, where opentelemetry is installed): the stages of `otel-cuda run` (telemetry, archive); pipeline: build() with the "
                          "null observer")
     ap.add_argument("--no-archive", action="store_true", help="run the consumer without the archive")
     ap.add_argument("--no-seed", action="store_true", help="skip the bpftrace variant")
@@ -97,10 +97,12 @@ class PerCall:
         self.seed = None
         if "seed" in self.variants:
             self.seed = bl.SeedBpftrace(d.lib("seed"), "cuLaunchKernel", d.pid, cpus=args.tracer_cpu)
-            self.seed_pokes = self.seed.wait_attached(lambda: d.run("launch", CHUNK)) * CHUNK
+            self.seed_calls = self.seed.wait_attached(lambda: d.run("launch", CHUNK)) * CHUNK
         d.name()  # the kernel's name event, seen by the tracers attached now: their launches are named
-        d.run("launch", args.warmup)
+        w = d.run("launch", args.warmup)
         d.run(self.timed, args.warmup)
+        if self.seed:
+            self.seed_calls += w["seed"]["n"]
         self.rounds: list[dict] = []
 
     def cost(self, r: dict) -> float:
@@ -140,11 +142,13 @@ class PerCall:
                     body += (x1[0] - x0[0]) / (x1[1] - x0[1])
             o["bpf_ns_per_run"] = body if self.stats_fd is not None else None
         if self.seed and func == "launch":
+            # bpftrace's file is written through a stdio buffer: lines of this run may still sit in it; the loss is
+            # settled from the totals after bpftrace exits (close())
             n = res["seed"]["n"]
-            lines = self.seed.wait_output(seed0[0] + n) - seed0[0]
+            self.seed_calls += n
+            lines = self.seed.wait_output(seed0[0] + n - 64, quiet_s=0.5) - seed0[0]
             cpu = self.seed.cpu() - seed0[1]
-            out["seed"].update(lines=lines, lost=max(0, n - lines), tracer_cpu_s=cpu,
-                               tracer_cpu_ns_per_event=cpu * 1e9 / max(lines, 1))
+            out["seed"].update(lines=lines, tracer_cpu_s=cpu, tracer_cpu_ns_per_event=cpu * 1e9 / max(n, 1))
         return out
 
     def run(self) -> dict:
@@ -208,8 +212,8 @@ class PerCall:
             "percall_timed_ratio_vs_entry_return_floor": med("timed_vs_entry_return_floor"),
             "seed_bpftrace_ratio": med("ours_vs_seed"),
             "seed_bpftrace_ratio_total_cpu": med("ours_vs_seed_total_cpu"),
-            "seed_bpftrace_lost": total("launch", "seed", "lost"),
-            "seed_bpftrace_calls": total("launch", "seed", "calls"),
+            "seed_bpftrace_lost": None,  # settled in close(), once bpftrace has flushed its file
+            "seed_bpftrace_calls": None,
             "ours_lost": lost("ours"),
             "ours_events": (total("launch", "ours", "events") or 0) + (total("timed", "ours", "events") or 0),
             "launches_named_share": bl.median(col("launch", "ours", "named_share")),
@@ -241,12 +245,15 @@ class PerCall:
         }
         return out
 
-    def close(self) -> None:
+    def close(self, res: dict | None = None) -> None:
         try:
             if self.seed:
-                res = self.seed.stop()
-                if res["reported_lost"]:
-                    bl.log(f"bpftrace reported {res['reported_lost']} lost events")
+                r = self.seed.stop()
+                if res is not None:
+                    res["seed_bpftrace_calls"] = self.seed_calls
+                    res["seed_bpftrace_lines"] = r["lines"]
+                    res["seed_bpftrace_reported_lost"] = r["reported_lost"]
+                    res["seed_bpftrace_lost"] = max(self.seed_calls - r["lines"], r["reported_lost"])
                 shutil.rmtree(self.seed.dir, ignore_errors=True)
             for name, t in self.tracers.items():
                 bl.log(f"{name} tracer: {t.close()}")
@@ -312,7 +319,7 @@ def main(argv=None) -> int:
         res = {"suite": "cpu", "error": repr(exc)}
     finally:
         if bench is not None:
-            bench.close()
+            bench.close(res)
     res["machine"] = bl.machine()
     res["command"] = "bench/cpu " + " ".join(sys.argv[1:] if argv is None else argv)
     res["percall_wall_s"] = round(time.monotonic() - t0, 1)

@@ -26,13 +26,16 @@ class TopK:
     """Kernel names on metrics for the K busiest kernels only, the rest `other`, every series monotonic.
 
     A name is admitted (for good) when it ranks in the top K at a collection while places remain; its series
-    counts launches from then on, and launches before admission stay in `other`, so no counter ever falls.
+    counts launches from then on, and launches before admission stay in `other` — unless no `other` series of
+    that process has been exported yet, so the first collection shows the busiest kernels whole. No counter
+    ever falls.
     """
 
     def __init__(self, k: int):
         self.k = k
         self.totals: Counter[tuple] = Counter()  # (pid, launch type, name) -> launches
         self.base: dict[tuple, int] = {}  # admitted key -> launches at admission
+        self._other_exported: set[tuple] = set()  # (pid, launch type) whose `other` series went out
 
     def add(self, key: tuple) -> None:
         self.totals[key] += 1
@@ -52,11 +55,12 @@ class TopK:
         for key, n in list(self.totals.items()):
             pid, ltype, name = key
             if name in admitted_names:
-                base = self.base.setdefault(key, n)
+                base = self.base.setdefault(key, n if (pid, ltype) in self._other_exported else 0)
                 out.append((key, n - base))
                 other[(pid, ltype, OTHER)] += base
             else:
                 other[(pid, ltype, OTHER)] += n
+        self._other_exported.update((pid, ltype) for pid, ltype, _ in other)
         return out + [(k, n) for k, n in other.items()]
 
 

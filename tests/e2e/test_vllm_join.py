@@ -34,7 +34,9 @@ def joined(probes, start_vllm, tmp_path_factory):
                              match=r"--tag vllm-e2e-engine", receiver_grpc=f"127.0.0.1:{receiver_port}",
                              instance_key="host", no_archive=False, archive=str(tmp / "archive"))
     # Steps of ~2.5 ms that run all along: every phase window of the real requests (tens of ms here) holds some.
-    engine = subprocess.Popen([str(WORKLOAD), "--tag", "vllm-e2e-engine", "--threads", "1", "--steps", "1000000",
+    # Real-time priority: on 2 cores vLLM's CPU prefill would otherwise starve it and stretch a step over a whole
+    # phase window; it sleeps most of each step, so vLLM keeps its CPU.
+    engine = subprocess.Popen(["chrt", "-f", "5", str(WORKLOAD), "--tag", "vllm-e2e-engine", "--threads", "1", "--steps", "1000000",
                                "--launches", "4", "--graph-every", "4", "--start-delay-ms", "800"],
                               env={**os.environ, "FAKE_CUDA_SYNC_US": "2000"}, stdout=subprocess.DEVNULL)
     results = []
@@ -91,15 +93,12 @@ def test_each_request_is_enriched_and_has_cuda_children(joined):
         assert a["cuda.join.outcome"] == "joined" and a["cuda.launches"] > 0, (r.request_id, a, summary)
         assert all(k in a for k in ("gen_ai.latency.time_in_queue", "gen_ai.usage.prompt_tokens")), "vLLM's own kept"
         kids = {s["name"]: s for s in spans if s["parent_span_id"] == req["span_id"]}
-        # The fake engine's steps run beside vLLM, not in step with it, and on 2 cores vLLM's CPU prefill can
-        # starve them: a prefill window of a few ms may then hold no step's midpoint. Per-phase exactness is the
-        # demo's test (its engine knows which steps each request took part in); here every request gets children.
-        assert kids and set(kids) <= {"cuda.prefill", "cuda.decode"}, (r.request_id, set(kids), a)
-        assert a["cuda.prefill.steps"] == kids.get("cuda.prefill", {}).get("attributes", {}).get("cuda.steps", 0)
+        # (per-phase exactness against a ground truth is the demo's test: its engine knows which steps each
+        # request took part in; this engine runs beside vLLM, not in step with it)
+        assert set(kids) == {"cuda.prefill", "cuda.decode"}, (r.request_id, set(kids), a)
         for kid in kids.values():
             assert kid["trace_id"] == r.trace_id and kid["attributes"]["cuda.steps"] > 0
-    children = [s["name"] for s in spans if s["name"] in ("cuda.prefill", "cuda.decode")]
-    assert children.count("cuda.decode") >= len(results) - 1 and children.count("cuda.prefill") >= 1
+            assert a[f"{kid['name']}.steps"] == kid["attributes"]["cuda.steps"]
     roots = [s for s in spans if s["name"] == "llm_request" and not s["parent_span_id"]]
     assert len(roots) == 1 and roots[0]["attributes"]["cuda.join.outcome"] == "joined"
 

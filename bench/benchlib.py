@@ -257,6 +257,9 @@ uprobe:%(lib)s:%(sym)s /pid == %(pid)d/
 """
 
 
+_TS = re.compile(rb'\{"ts":(\d+),')
+
+
 class SeedBpftrace:
     """One bpftrace run on `sym` of `lib` for process `pid`, its output in a file. Lost events: what bpftrace
     says on stderr ("Lost N events") and, independently, calls made minus lines written."""
@@ -281,6 +284,17 @@ class SeedBpftrace:
                 return sum(1 for line in f if line.startswith(b"{"))
         except FileNotFoundError:
             return 0
+
+    def lines_since(self, ts_ns: int) -> int:
+        """Lines stamped at or after ts_ns (CLOCK_MONOTONIC: bpftrace's nsecs is time.monotonic_ns()): the calls
+        made from then on that reached the file, whatever was made before (attach pokes) and however buffered."""
+        n = 0
+        with open(self.out, "rb") as f:
+            for line in f:
+                m = _TS.match(line)
+                if m and int(m.group(1)) >= ts_ns:
+                    n += 1
+        return n
 
     def wait_attached(self, poke, timeout: float = 60.0) -> int:
         """Call poke() (one call of the probed function) until a line shows up; returns the pokes made."""

@@ -132,7 +132,8 @@ def seed_sweep(args, driver: bl.Driver) -> dict:
     steps = []
     total_calls = 0
     try:
-        total_calls += seed.wait_attached(lambda: driver.run("launch", 1, rate=1))
+        seed.wait_attached(lambda: driver.run("launch", 1, rate=1))
+        counted_from = time.monotonic_ns()  # calls counted from here on (the attach pokes before are not)
         base = seed.lines()
         for rate in args.rate_list:
             n = int((rate if rate > 0 else 60000) * args.seconds)
@@ -156,6 +157,7 @@ def seed_sweep(args, driver: bl.Driver) -> dict:
                 break
     finally:
         res = seed.stop()
+        res["lines"] = seed.lines_since(counted_from) if steps else 0
         shutil.rmtree(seed.dir, ignore_errors=True)
     best = None
     for st in steps:

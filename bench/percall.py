@@ -97,7 +97,8 @@ class PerCall:
         self.seed = None
         if "seed" in self.variants:
             self.seed = bl.SeedBpftrace(d.lib("seed"), "cuLaunchKernel", d.pid, cpus=args.tracer_cpu)
-            self.seed_calls = self.seed.wait_attached(lambda: d.run("launch", CHUNK)) * CHUNK
+            self.seed.wait_attached(lambda: d.run("launch", CHUNK))
+            self.seed_calls, self.seed_from = 0, time.monotonic_ns()  # calls counted from here on
         d.name()  # the kernel's name event, seen by the tracers attached now: their launches are named
         w = d.run("launch", args.warmup)
         d.run(self.timed, args.warmup)
@@ -251,9 +252,10 @@ class PerCall:
                 r = self.seed.stop()
                 if res is not None:
                     res["seed_bpftrace_calls"] = self.seed_calls
-                    res["seed_bpftrace_lines"] = r["lines"]
+                    lines = self.seed.lines_since(self.seed_from)
+                    res["seed_bpftrace_lines"] = lines
                     res["seed_bpftrace_reported_lost"] = r["reported_lost"]
-                    res["seed_bpftrace_lost"] = max(self.seed_calls - r["lines"], r["reported_lost"])
+                    res["seed_bpftrace_lost"] = max(self.seed_calls - lines, r["reported_lost"])
                 shutil.rmtree(self.seed.dir, ignore_errors=True)
             for name, t in self.tracers.items():
                 bl.log(f"{name} tracer: {t.close()}")

@@ -36,6 +36,10 @@ def _preflight(settings: cfg.SidecarConfig | None = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A stop asked for while BPF compiles (seconds) must still end in a drained, flushed exit, not a kill.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     settings = cfg.resolve(args)
     logging.getLogger().setLevel(settings.options["log_level"].upper())
     _preflight(settings)
@@ -59,9 +63,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         probes.close()
         raise UsageError(str(exc)) from None
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     if args.duration:
         timer = threading.Timer(args.duration, stop.set)
         timer.daemon = True

@@ -158,6 +158,21 @@ static __always_inline u8 nested_now(u32 tid)
     return in_runtime.lookup(&tid) != 0;
 }
 
+/* Every record starts with this header (the padding is written too: records are read as bytes). */
+static __always_inline void fill_header(struct oc_header *h, u8 type, u8 layer, u8 flags, u16 func, u32 pid,
+                                        u32 tid, u64 ts)
+{
+    h->type = type;
+    h->layer = layer;
+    h->flags = flags;
+    h->_pad0 = 0;
+    h->func = func;
+    h->_pad1 = 0;
+    h->pid = pid;
+    h->tid = tid;
+    h->ts_ns = ts;
+}
+
 /* ---- argument access -------------------------------------------------------------------------- */
 /* Arguments 7..9 of the launch calls are on the stack on x86-64 (above the return address). */
 #if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
@@ -201,15 +216,7 @@ static __always_inline u64 read_u64(u64 addr)
 static __always_inline void launch_fill(struct oc_launch *e, u32 pid, u32 tid, u16 func, u64 ts, u64 handle,
                                         u64 stream, u32 gx, u32 gy, u32 gz, u32 bx, u32 by, u32 bz, u32 shmem)
 {
-    e->h.type = OC_EV_LAUNCH;
-    e->h.layer = OC_LAYER_DRIVER;
-    e->h.flags = 0;
-    e->h._pad0 = 0;
-    e->h.func = func;
-    e->h._pad1 = 0;
-    e->h.pid = pid;
-    e->h.tid = tid;
-    e->h.ts_ns = ts;
+    fill_header(&e->h, OC_EV_LAUNCH, OC_LAYER_DRIVER, 0, func, pid, tid, ts);
     e->dur_ns = 0;
     e->result = -1;
     e->shared_mem = shmem;
@@ -420,15 +427,8 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
         count_lost();
         return 0;
     }
-    e->h.type = OC_EV_CALL;
-    e->h.layer = func >= OC_FN_cudaLaunchKernel ? OC_LAYER_RUNTIME : OC_LAYER_DRIVER;
-    e->h.flags = OC_F_RETURN | (nested ? OC_F_NESTED : 0);
-    e->h._pad0 = 0;
-    e->h.func = func;
-    e->h._pad1 = 0;
-    e->h.pid = pid;
-    e->h.tid = tid;
-    e->h.ts_ns = ts;
+    fill_header(&e->h, OC_EV_CALL, func >= OC_FN_cudaLaunchKernel ? OC_LAYER_RUNTIME : OC_LAYER_DRIVER,
+                OC_F_RETURN | (nested ? OC_F_NESTED : 0), func, pid, tid, ts);
     e->dur_ns = dur;
     e->result = result;
     e->_pad0 = 0;
@@ -513,13 +513,8 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
         return 0;
     }
     s32 result = (s32)PT_REGS_RC(ctx);
-    e->h.type = OC_EV_NAME;
-    e->h.layer = OC_LAYER_DRIVER;
-    e->h.flags = OC_F_RETURN | (v->nested ? OC_F_NESTED : 0);
-    e->h.func = func;
-    e->h.pid = pid;
-    e->h.tid = tid;
-    e->h.ts_ns = v->ts_ns;
+    fill_header(&e->h, OC_EV_NAME, OC_LAYER_DRIVER, OC_F_RETURN | (v->nested ? OC_F_NESTED : 0), func, pid, tid,
+                v->ts_ns);
     e->dur_ns = bpf_ktime_get_ns() - v->ts_ns;
     e->result = result;
     e->handle = result == 0 ? read_u64(v->args[0]) : 0;
@@ -560,14 +555,10 @@ static __always_inline void proc_event(u16 kind, u32 pid, u32 tid, u32 child, u8
         count_lost();
         return;
     }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->h.type = OC_EV_PROC;
-    e->h.func = kind;
-    e->h.pid = pid;
-    e->h.tid = tid;
-    e->h.ts_ns = bpf_ktime_get_ns();
+    fill_header(&e->h, OC_EV_PROC, 0, 0, kind, pid, tid, bpf_ktime_get_ns());
     e->child_pid = child;
     e->selected = selected;
+    e->_pad0[0] = e->_pad0[1] = e->_pad0[2] = 0;
     events.ringbuf_submit(e, 0);
 }
 

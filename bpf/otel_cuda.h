@@ -153,8 +153,9 @@ enum oc_sys_kind {
     OC_SYS_MUNLOCK = 6,     /* args: address, bytes, 0, 0 */
     OC_SYS_DEVICE_OPEN = 7, /* an OC_SYS_OPENAT of /dev/nvidia*: same args */
     OC_SYS_OFFCPU = 8,      /* args: enum oc_offcpu_class, prev_state as the sched_switch tracepoint reports it;
-                             * ts = switched out, dur_ns = off CPU until switched back in. Sent for D-state waits
-                             * and for any wait of at least OFFCPU_EVENT_NS; all of them are in sys_offcpu */
+                             * ts = switched out, dur_ns = off CPU until switched back in. Sent for waits of at
+                             * least OFFCPU_EVENT_NS, and D-state waits of at least OFFCPU_IO_EVENT_NS (0); all of
+                             * them are in sys_offcpu */
     OC_SYS_WRITE = 9,       /* aggregates only (sys_stats): no events */
     OC_SYS_MAX = 16,
 };

@@ -3,7 +3,7 @@
  *
  * Compiled after cuda_probes.bpf.c into the same program (BpfConfig.extra_sources), so it shares `targets`,
  * traced()/current_ids(), the `events` ring buffer and count_lost(). Every handler filters in the kernel: an
- * untraced process costs one pid lookup per syscall of the probed kinds, and one hash lookup per context switch.
+ * untraced process costs one pid lookup per syscall of the probed kinds, and two hash lookups per context switch.
  *
  * Aggregates (complete even when the ring buffer overflows) are in sys_stats (calls, errors, bytes, time per
  * pid + kind + file kind) and sys_offcpu (off-CPU ns and switches per thread and class). Ring-buffer events
@@ -13,6 +13,8 @@
  * Settings (cflags):
  *   SYS_COALESCE_NS  reads of one file by one thread within this time of the first become one event (10 ms)
  *   OFFCPU_EVENT_NS  off-CPU waits at least this long are sent as events (1 ms); shorter ones only aggregate
+ *   OFFCPU_IO_EVENT_NS  waits in D state (I/O) at least this long are sent too (0: all, so that the model-load
+ *                    window's I/O wait is complete; raise it for a page-faulting loader of a huge mmap'd model)
  *   SYS_MAX_FDS      tracked open files and file mappings (65536 each, allocated as used)
  */
 
@@ -21,6 +23,9 @@
 #endif
 #ifndef OFFCPU_EVENT_NS
 #define OFFCPU_EVENT_NS 1000000ULL
+#endif
+#ifndef OFFCPU_IO_EVENT_NS
+#define OFFCPU_IO_EVENT_NS 0ULL
 #endif
 #ifndef SYS_MAX_FDS
 #define SYS_MAX_FDS 65536
@@ -505,7 +510,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
             agg->ns += delta;
             agg->count += 1;
         }
-        if (st.cls == OC_OFFCPU_IO || delta >= OFFCPU_EVENT_NS)
+        if (delta >= OFFCPU_EVENT_NS || (st.cls == OC_OFFCPU_IO && delta >= OFFCPU_IO_EVENT_NS))
             sys_emit(OC_SYS_OFFCPU, st.pid, st.tid, st.ts, delta, 0, st.cls, st.state, 0, 0, 0);
     }
 

@@ -76,9 +76,9 @@ def analyze(records: Iterable[dict], top: int = 15) -> dict:
     step_records: list[dict] = []
     call_steps: dict[tuple, list[int]] = {}  # (pid, step) → [first ts, last end, launches, graph launches]
     requests: list[dict] = []
-    sys_acc = {"paths": set(), "bytes": 0, "read_ns": 0, "first_ts": None, "last_end": None,
-               "by_func": Counter(), "ns_by_func": Counter(), "bytes_by_path": Counter()}
+    sys_recs: list[tuple] = []  # compact sys records; the cold start is each process's part before its first launch
     first_cuda_ts: dict[int, int] = {}
+    first_launch_ts: dict[int, int] = {}
     t_min = t_max = None
 
     for r in records:
@@ -107,6 +107,8 @@ def analyze(records: Iterable[dict], top: int = 15) -> dict:
                 f[4] += 1
             if pid not in first_cuda_ts or ts < first_cuda_ts[pid]:
                 first_cuda_ts[pid] = ts
+            if (func in LAUNCH or func in GRAPH_LAUNCH) and (pid not in first_launch_ts or ts < first_launch_ts[pid]):
+                first_launch_ts[pid] = ts
             th = threads.get((pid, tid))
             if th is None:
                 th = threads[(pid, tid)] = [ts, end, 0, 0]
@@ -157,7 +159,11 @@ def analyze(records: Iterable[dict], top: int = 15) -> dict:
         elif kind == "request":
             requests.append(r)
         elif kind == "sys":
-            _add_sys(sys_acc, r)
+            if isinstance(ts, int):
+                a = r.get("args") or {}
+                sys_recs.append((r.get("pid"), ts, dur if isinstance(dur, int) else 0, r.get("func") or "?",
+                                 a.get("path"), a.get("file_kind"), a.get("bytes") or 0, a.get("reason"),
+                                 r.get("result") in (None, "ok")))
 
     report: dict = {
         "input": {"records": sum(by_type.values()), "by_type": dict(by_type),
@@ -174,7 +180,7 @@ def analyze(records: Iterable[dict], top: int = 15) -> dict:
     if requests:
         report["requests"] = _requests(requests, top)
     if by_type.get("sys"):
-        report["cold_start"] = _cold_start(sys_acc, first_cuda_ts, top)
+        report["cold_start"] = _cold_start(sys_recs, first_cuda_ts, first_launch_ts, top)
     return report
 
 
@@ -270,39 +276,55 @@ def _requests(requests: list[dict], top: int) -> dict:
             "totals": {p: dict(totals[p]) for p in phases}, "slowest": rows}
 
 
-def _add_sys(acc: dict, r: dict) -> None:
-    args = r.get("args") or {}
-    func = r.get("func") or "?"
-    dur = r.get("dur_ns") or 0
-    ts = r.get("ts")
-    if isinstance(ts, int):
-        acc["first_ts"] = ts if acc["first_ts"] is None else min(acc["first_ts"], ts)
-        acc["last_end"] = ts + dur if acc["last_end"] is None else max(acc["last_end"], ts + dur)
-    acc["by_func"][func] += 1
-    acc["ns_by_func"][func] += dur
-    path = args.get("path")
-    if path:
-        acc["paths"].add(path)
-    if func in SYS_READS or func == "mmap":
-        nbytes = args.get("bytes") or 0
-        acc["bytes"] += nbytes
-        if path:
-            acc["bytes_by_path"][path] += nbytes
+def _cold_start(recs: list[tuple], first_cuda_ts: dict, first_launch_ts: dict, top: int) -> dict:
+    """Each process's sys records before its first kernel launch (all of them for a process that never launched):
+    files, bytes read and mapped by file kind, read speed, what blocked (calls, and off-CPU time by reason)."""
+    paths: set = set()
+    by_func: Counter = Counter()
+    ns_by_func: Counter = Counter()
+    bytes_by_path: Counter = Counter()
+    kind_of: dict = {}
+    read_kind: Counter = Counter()
+    mapped_kind: Counter = Counter()
+    nbytes = read_ns = device_opens = 0
+    first_ts = last_end = None
+    for pid, ts, dur, func, path, kind, size, reason, ok in recs:
+        end = first_launch_ts.get(pid)
+        if end is not None and ts >= end:
+            continue
+        first_ts = ts if first_ts is None else min(first_ts, ts)
+        last_end = ts + dur if last_end is None else max(last_end, ts + dur)
+        key = f"offcpu:{reason}" if func == "offcpu" and reason else func
+        by_func[key] += 1
+        ns_by_func[key] += dur
+        if func == "device_open" and ok:
+            device_opens += 1
+        if path and ok and func != "munmap":
+            paths.add(path)
+            kind_of.setdefault(path, kind)
         if func in SYS_READS:
-            acc["read_ns"] += dur
-
-
-def _cold_start(acc: dict, first_cuda_ts: dict, top: int) -> dict:
-    """Small until the sys records land (issue 6): files, bytes, read speed, what blocked, time to first CUDA."""
+            read_ns += dur
+            read_kind[kind or "other"] += size
+        elif func == "mmap":
+            mapped_kind[kind or "other"] += size
+        else:
+            continue
+        if func in SYS_READS or kind not in ("library", "device", "unknown"):  # address space of libraries: not data
+            nbytes += size
+            if path:
+                bytes_by_path[path] += size
     first_cuda = min(first_cuda_ts.values()) if first_cuda_ts else None
-    return {"files": len(acc["paths"]), "bytes": acc["bytes"], "read_ns": acc["read_ns"],
-            "read_gbps": (acc["bytes"] / acc["read_ns"]) if acc["read_ns"] else None,
-            "span_s": ((acc["last_end"] - acc["first_ts"]) / 1e9) if acc["first_ts"] is not None else 0,
-            "to_first_cuda_s": ((first_cuda - acc["first_ts"]) / 1e9)
-            if first_cuda is not None and acc["first_ts"] is not None else None,
-            "blocked": [{"func": f, "calls": acc["by_func"][f], "total_ns": ns}
-                        for f, ns in acc["ns_by_func"].most_common(top)],
-            "top_files": [{"path": p, "bytes": b} for p, b in acc["bytes_by_path"].most_common(top)]}
+    first_launch = min(first_launch_ts.values()) if first_launch_ts else None
+    reads = sum(read_kind.values())
+    return {"files": len(paths), "bytes": nbytes, "read_ns": read_ns, "read_gbps": (reads / read_ns) if read_ns else None,
+            "bytes_read_by_kind": dict(read_kind), "bytes_mapped_by_kind": dict(mapped_kind),
+            "device_opens": device_opens, "io_wait_ns": ns_by_func.get("offcpu:io", 0),
+            "span_s": ((last_end - first_ts) / 1e9) if first_ts is not None else 0,
+            "to_first_cuda_s": ((first_cuda - first_ts) / 1e9) if first_cuda is not None and first_ts is not None else None,
+            "to_first_launch_s": ((first_launch - first_ts) / 1e9)
+            if first_launch is not None and first_ts is not None else None,
+            "blocked": [{"func": f, "calls": by_func[f], "total_ns": ns} for f, ns in ns_by_func.most_common(top)],
+            "top_files": [{"path": p, "kind": kind_of.get(p), "bytes": b} for p, b in bytes_by_path.most_common(top)]}
 
 
 # ---- text ---------------------------------------------------------------------------------------------------
@@ -409,6 +431,13 @@ def render_text(report: dict) -> str:
                     + (f" at {c['read_gbps']:.2f} GB/s" if c["read_gbps"] else "")
                     + (f"; first CUDA call {c['to_first_cuda_s']:.3f} s after the first file access"
                        if c["to_first_cuda_s"] is not None else "")]
+        kinds = sorted(set(c.get("bytes_read_by_kind", {})) | set(c.get("bytes_mapped_by_kind", {})))
+        if kinds:
+            out += _table(["file kind", "read", "mapped"],
+                          [[k, _bytes(c["bytes_read_by_kind"].get(k, 0)), _bytes(c["bytes_mapped_by_kind"].get(k, 0))]
+                           for k in kinds])
+        if c.get("io_wait_ns") or c.get("device_opens"):
+            out.append(f"  blocked on I/O (D state) {_ms(c['io_wait_ns'])} ms; /dev/nvidia* opens {c['device_opens']}")
         if c["blocked"]:
             out += _table(["blocked in", "calls", "total ms"], [[b["func"], b["calls"], _ms(b["total_ns"])]
                                                                 for b in c["blocked"]])

@@ -70,6 +70,9 @@ OPTIONS: tuple[Option, ...] = (
            flag=True),
     Option("runtime", False, _bool, "probe the runtime API (libcudart) too; driver calls under it are not counted twice",
            flag=True),
+    Option("no_system_view", False, _bool, "do not trace file I/O, mmap and scheduling of the selected processes "
+           "(the system view: its syscall and sched_switch tracepoints cost every process on the node a little)",
+           flag=True),
     Option("ringbuf_pages", 1024, int, "ring buffer size in 4 KiB pages (a power of two)"),
     Option("outlier_ms", 1.0, float, "calls slower than this become spans of their own"),
     Option("outlier_bytes", 64 << 20, int, "copies and allocations at least this large become spans of their own"),
@@ -153,7 +156,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Si
         archive = _seed_s3(env) or archive
     return SidecarConfig(
         selector=selector,
-        bpf=BpfConfig(ringbuf_pages=pages, launch_return=values["launch_return"]),
+        bpf=BpfConfig(ringbuf_pages=pages, launch_return=values["launch_return"],
+                      **({"extra_sources": ()} if values["no_system_view"] else {})),
         steps=StepConfig(outlier_ns=int(values["outlier_ms"] * 1e6), outlier_bytes=values["outlier_bytes"]),
         archive=archive,
         runtime=values["runtime"],

@@ -59,6 +59,7 @@ _CUDA_MEMCPY = probes.BY_SYMBOL["cudaMemcpy"].func_id
 _ALLOCATING = {probes.BY_SYMBOL[s].func_id for s in probes.ALLOCATING}
 _HTOD = {p.func_id for p in probes.PROBES if p.memcpy_kind == "htod"}
 MAX_WINDOW_ITEMS = 1_000_000  # per process: beyond this the window's tallies are marked truncated
+MAX_WINDOWS = 4096  # processes whose model-load result is kept
 
 
 def _s64(v: int) -> int:
@@ -69,7 +70,7 @@ def _kind(v: int) -> str:
     return FILE_KINDS[v] if 0 <= v < len(FILE_KINDS) else str(v)
 
 
-def _result(func: str, res: int):
+def _result(res: int) -> str:
     if res >= 0 or res < -4095:
         return "ok"
     return errno.errorcode.get(-res, f"E{-res}")
@@ -102,21 +103,26 @@ def sys_record(ev: Event, epoch_offset_ns: int) -> dict:
                 "state": _STATES.get(a1, hex(a1))}
     return {"v": SCHEMA_VERSION, "type": "sys", "ts": ev.ts_ns + epoch_offset_ns, "mono_ns": ev.ts_ns, "pid": ev.pid,
             "tid": ev.tid, "func": func, "phase": "call", "dur_ns": ev.dur_ns,
-            "result": None if func == "offcpu" else _result(func, res), "args": args}
+            "result": None if func == "offcpu" else _result(res), "args": args}
 
 
-def process_start_mono_ns(pid: int, start_ticks: int = 0, proc: str = "/proc") -> int | None:
+def start_ticks(pid: int, proc: str = "/proc") -> int:
+    """Field 22 of /proc/PID/stat: the process's start, clock ticks since boot (0 if unreadable)."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def process_start_mono_ns(pid: int, ticks: int = 0, proc: str = "/proc") -> int | None:
     """A process's start on CLOCK_MONOTONIC (the clock of bpf_ktime_get_ns), from field 22 of /proc/PID/stat
     (clock ticks since boot, CLOCK_BOOTTIME: it counts suspended time, which CLOCK_MONOTONIC does not)."""
-    if not start_ticks:
-        try:
-            with open(f"{proc}/{pid}/stat", "rb") as f:
-                start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
-        except (OSError, ValueError, IndexError):
-            return None
-    hz = os.sysconf("SC_CLK_TCK")
+    ticks = ticks or start_ticks(pid, proc)
+    if not ticks:
+        return None
     suspended = time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
-    return start_ticks * 1_000_000_000 // hz - max(0, suspended)
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK") - max(0, suspended)
 
 
 def _thread_of_another(pid: int, proc: str = "/proc") -> bool:
@@ -144,6 +150,7 @@ class Window:
     items: list = field(default_factory=list)  # (ts, tag, file kind, bytes, ns, path)
     truncated: bool = False
     result: dict | None = None
+    ticks: int = 0  # start in clock ticks since boot: tells a reused pid apart
 
 
 class SystemView:
@@ -182,26 +189,27 @@ class SystemView:
     # -- observer interface ------------------------------------------------------------------------------
     def on_process(self, info) -> None:
         if _thread_of_another(info.pid, self.proc):
-            return  # a thread (sched_process_fork fires for clone() of threads too): its process has the window
+            return  # a thread id announced as a process: its process has the window
+        ticks = getattr(info, "start_time", 0) or start_ticks(info.pid, self.proc)
         with self._lock:
-            if info.pid not in self.windows:
-                self._new_window(info.pid, time.monotonic_ns(), getattr(info, "start_time", 0))
+            w = self.windows.get(info.pid)
+            if w is None or (info.pid not in self._open and ticks and w.ticks and ticks != w.ticks):  # a new process
+                self._new_window(info.pid, time.monotonic_ns(), ticks)
 
     def on_events(self, batch: Iterable[tuple[Event, str | None, int | None]]) -> None:
+        # The hot path (tens of thousands of launches a second): a launch of a process whose window is closed
+        # costs two dict lookups; CUDA threads are learnt from the other calls (a launching thread also syncs).
         with self._lock:
+            open_, windows, threads = self._open, self.windows, self.cuda_threads
             for ev, _kernel, _step in batch:
-                t = ev.type
-                if t != EV_SYS:
-                    tids = self.cuda_threads.get(ev.pid)
-                    if tids is None:
-                        tids = self.cuda_threads[ev.pid] = {}
-                    if ev.tid not in tids:
-                        tids[ev.tid] = None
-                w = self._open.get(ev.pid)
+                t, pid = ev.type, ev.pid
+                w = open_.get(pid) if open_ else None
                 if w is None:
-                    if ev.pid in self.windows:
-                        continue  # closed: later events are outside it
-                    w = self._new_window(ev.pid, ev.ts_ns, 0)
+                    if pid in windows:
+                        if t == EV_CALL:
+                            self._note_thread(threads, pid, ev.tid)
+                        continue  # its window is closed: later events are outside it
+                    w = self._new_window(pid, ev.ts_ns, 0)
                 elif ev.ts_ns < w.start_ns:  # seen before it was announced (a traced parent's child)
                     w.start_ns = ev.ts_ns
                 if t == EV_LAUNCH or (t == EV_CALL and ev.func in _RUNTIME_LAUNCH):
@@ -211,9 +219,19 @@ class SystemView:
                         w.end_ns, w.ended_by = ev.ts_ns, "first_launch"
                 elif t == EV_SYS:
                     self._add_sys(w, ev)
-                elif t == EV_CALL and not ev.nested:
-                    self._add_call(w, ev)
+                elif t == EV_CALL:
+                    self._note_thread(threads, pid, ev.tid)
+                    if not ev.nested:
+                        self._add_call(w, ev)
             self._close_due(self._now())
+
+    @staticmethod
+    def _note_thread(threads: dict, pid: int, tid: int) -> None:
+        tids = threads.get(pid)
+        if tids is None:
+            tids = threads[pid] = {}
+        if tid not in tids:
+            tids[tid] = None
 
     def on_idle(self, now_ns: int) -> None:
         with self._lock:
@@ -260,12 +278,17 @@ class SystemView:
         return out
 
     # -- windows -----------------------------------------------------------------------------------------
-    def _new_window(self, pid: int, seen_ns: int, start_ticks: int) -> Window:
-        start = process_start_mono_ns(pid, start_ticks, self.proc)
+    def _new_window(self, pid: int, seen_ns: int, ticks: int) -> Window:
+        ticks = ticks or start_ticks(pid, self.proc)
+        start = process_start_mono_ns(pid, ticks, self.proc)
         source = "process_start"
         if start is None or start > seen_ns:
             start, source = seen_ns, "first_sight"
-        w = self.windows[pid] = self._open[pid] = Window(pid, start, source, seen_ns)
+        self.windows.pop(pid, None)  # a reused pid's old window goes (re-inserted last: oldest first below)
+        w = self.windows[pid] = self._open[pid] = Window(pid, start, source, seen_ns, ticks=ticks)
+        if len(self.windows) > MAX_WINDOWS:  # keep the newest closed ones for model_load()
+            for old in [p for p in self.windows if p not in self._open][: len(self.windows) - MAX_WINDOWS]:
+                del self.windows[old]
         return w
 
     def _add_sys(self, w: Window, ev: Event) -> None:
@@ -308,6 +331,8 @@ class SystemView:
             w.truncated = True
 
     def _close_due(self, now: float) -> None:
+        if not self._open:
+            return
         for pid, w in list(self._open.items()):
             if w.close_after is not None and now >= w.close_after:
                 del self._open[pid]
@@ -361,8 +386,10 @@ class SystemView:
             "ended_by": w.ended_by or "open", "traced_after_ns": max(0, w.traced_from_ns - w.start_ns),
             "files_opened": sum(opened.values()), "files_opened_by_kind": dict(opened),
             "device_opens": opened.get("device", 0),
-            "bytes_read": sum(read.values()), "bytes_read_by_kind": dict(read),
-            "bytes_mapped": sum(mapped.values()), "bytes_mapped_by_kind": dict(mapped),
+            # the model: weights files (libraries and device mappings are in the by-kind tallies and the totals)
+            "bytes_read": read.get("weights", 0), "bytes_mapped": mapped.get("weights", 0),
+            "bytes_read_by_kind": dict(read), "bytes_mapped_by_kind": dict(mapped),
+            "bytes_read_total": sum(read.values()), "bytes_mapped_total": sum(mapped.values()),
             **n, "truncated": w.truncated,
             "files": [{"path": p, "kind": k, "bytes_read": r, "bytes_mapped": m, "first_ns": t}
                       for p, (k, r, m, t) in top[: self.max_files]],
@@ -461,9 +488,13 @@ class SystemView:
                                                  "disk.io.direction": "read" if func == SYS_ID["read"] else "write"})
 
     def _observe_device_opens(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """Every traced process has a series, 0 until it opens a device: "no GPU device opened" is an answer."""
+        opens: Counter = Counter({pid: 0 for pid in self.windows})
         for (pid, func, kind), agg in self._stats().items():
             if func == SYS_ID["openat"] and kind == 3:
-                yield Observation(agg["calls"] - agg["errors"], {"process.pid": pid})
+                opens[pid] += agg["calls"] - agg["errors"]
+        for pid, n in opens.items():
+            yield Observation(n, {"process.pid": pid})
 
     def _observe_switches(self, _options: CallbackOptions) -> Iterable[Observation]:
         by: Counter = Counter()

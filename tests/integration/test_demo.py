@@ -55,7 +55,8 @@ def test_span_tree_at_the_downstream_receiver(demo):
         kids = [s for s in spans if s["parent_span_id"] == req["span_id"]]
         assert sorted(k["name"] for k in kids) == ["cuda.decode", "cuda.prefill"]
         a = req["attributes"]
-        queue_end = req["start_ns"] + int(a["gen_ai.latency.time_in_queue"] * 1e9)
+        # the engine's timeline, placed in the span where its step ends line up (docs/join.md)
+        queue_end = req["start_ns"] + a["cuda.join.shift_ns"] + int(a["gen_ai.latency.time_in_queue"] * 1e9)
         prefill_end = queue_end + int(a["gen_ai.latency.time_in_model_prefill"] * 1e9)
         decode_end = prefill_end + int(a["gen_ai.latency.time_in_model_decode"] * 1e9)
         window = {"cuda.prefill": (queue_end, prefill_end), "cuda.decode": (prefill_end, decode_end)}

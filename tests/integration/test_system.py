@@ -70,7 +70,9 @@ def test_model_load_and_off_cpu_of_the_workload(probes, tmp_path):
     assert truth["weights"]["bytes_read"] == size and truth["weights"]["bytes_mapped"] == mapped
     assert ml["bytes_read"] == ml["bytes_read_by_kind"]["weights"] == size
     assert ml["bytes_mapped"] == ml["bytes_mapped_by_kind"]["weights"] == mapped
-    assert ml["files_opened_by_kind"] == {"weights": 1} and ml["mlocked_bytes"] == truth["weights"]["mlocked_bytes"]
+    # (the dynamic loader's reads and maps of libc & co are in too when the exec event selected it in time)
+    assert set(ml["bytes_read_by_kind"]) <= {"weights", "library"}
+    assert ml["files_opened_by_kind"]["weights"] == 1 and ml["mlocked_bytes"] == truth["weights"]["mlocked_bytes"]
     assert ml["files"][0]["path"] == str(weights)
     records = archive(tmp_path / "archive")
     first_launch = min(r["mono_ns"] for r in records if r["pid"] == pid and r.get("func") in LAUNCHES)
@@ -85,8 +87,8 @@ def test_model_load_and_off_cpu_of_the_workload(probes, tmp_path):
     assert not [s for s in sidecar.spans.get_finished_spans() if s.parent and s.parent.span_id == span.context.span_id]
     offset = sidecar.sidecar.telemetry.clock.offset()
     assert abs(span.end_time - (first_launch + offset)) < 1_000_000
-    assert span.attributes["model_load.bytes_read.weights"] == size
-    assert span.attributes["model_load.bytes_mapped.weights"] == mapped
+    assert span.attributes["model_load.bytes_read"] == span.attributes["model_load.bytes_read.weights"] == size
+    assert span.attributes["model_load.bytes_mapped"] == span.attributes["model_load.bytes_mapped.weights"] == mapped
 
     # the archive: the sys records of the weights file add up to what the workload did
     mine = [r for r in records if r["type"] == "sys" and r["pid"] == pid]
@@ -97,7 +99,7 @@ def test_model_load_and_off_cpu_of_the_workload(probes, tmp_path):
     assert sum(r["args"]["calls"] for r in reads) >= size // (1 << 20)
     maps = [r for r in mine if r["func"] == "mmap" and r["args"]["path"] == str(weights)]
     assert [r["args"]["bytes"] for r in maps] == [mapped]
-    assert [r["args"]["bytes"] for r in mine if r["func"] == "munmap"] == [mapped]
+    assert [r["args"]["bytes"] for r in mine if r["func"] == "munmap" and r["args"]["path"] == str(weights)] == [mapped]
     assert [r["args"]["bytes"] for r in mine if r["func"] in ("mlock", "munlock")] == [65536, 65536]
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((ROOT / "docs" / "archive-schema.json").read_text())
@@ -116,7 +118,7 @@ def test_model_load_and_off_cpu_of_the_workload(probes, tmp_path):
     assert abs(sum(p.value for p in series) * 1e9 - truth["sleep"]["slept_ns"]) <= 0.1 * truth["sleep"]["slept_ns"]
     disk = {p.attributes["otel_cuda.file.kind"]: p.value for p in metric_points(sidecar.metrics, "process.disk.io")
             if p.attributes["process.pid"] == pid and p.attributes["disk.io.direction"] == "read"}
-    assert disk == {"weights": size}
+    assert disk["weights"] == size and set(disk) <= {"weights", "library"}
 
 
 CHILD = textwrap.dedent(r"""

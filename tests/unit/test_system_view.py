@@ -141,8 +141,8 @@ def test_model_load_window_from_start_to_first_launch(view):
     assert not view.spans.get_finished_spans(), "the span waits settle_s for late events"
     r = v.model_load(PID)
     assert r["end_ns"] == 9_000 and r["ended_by"] == "first_launch"
-    assert r["bytes_read"] == 8 << 20 and r["bytes_read_by_kind"] == {"weights": 8 << 20}
-    assert r["bytes_mapped"] == (4 << 20) + 4096
+    assert r["bytes_read"] == r["bytes_read_total"] == 8 << 20 and r["bytes_read_by_kind"] == {"weights": 8 << 20}
+    assert r["bytes_mapped"] == 4 << 20 and r["bytes_mapped_total"] == (4 << 20) + 4096
     assert r["bytes_mapped_by_kind"] == {"weights": 4 << 20, "library": 4096}
     assert r["files_opened"] == 3 and r["device_opens"] == 1
     assert r["files_opened_by_kind"] == {"weights": 1, "device": 1, "library": 1}
@@ -158,6 +158,8 @@ def test_model_load_window_from_start_to_first_launch(view):
     assert span.end_time == 9_000 + OFFSET
     assert span.start_time == r["start_ns"] + OFFSET and r["start_source"] == "first_sight"
     a = span.attributes
+    assert a["model_load.bytes_read"] == 8 << 20 and a["model_load.bytes_mapped"] == 4 << 20
+    assert a["model_load.bytes_read.weights"] == 8 << 20 and a["model_load.bytes_mapped.library"] == 4096
     assert a["model_load.bytes_read.weights"] == 8 << 20 and a["model_load.bytes_mapped.weights"] == 4 << 20
     assert a["model_load.io_wait"] == pytest.approx(700e-9) and a["cuda.memcpy.htod_bytes"] == 123456
     assert span.resource.attributes["process.pid"] == PID
@@ -308,3 +310,15 @@ def test_cuda_metrics_ignore_system_events():
     m = CudaMetrics(MeterProvider(metric_readers=[reader]).get_meter("t"), lambda: {}, lambda: {})
     m.on_events([(sys_ev("openat", 10, (3, 0, 1, 0), dur=5, result=-2), None, None)])  # func 1 = cuLaunchKernel's id
     assert not points(reader, "cuda.api.duration")
+
+
+def test_a_reused_pid_gets_a_new_window(view):
+    v = view.v
+    v.on_process(SimpleNamespace(pid=PID, start_time=100))
+    v.on_events([(launch(v.windows[PID].start_ns + 5), "k", None)])
+    v.shutdown()
+    first = v.windows[PID]
+    v.on_process(SimpleNamespace(pid=PID, start_time=100))  # the same process announced again: kept
+    assert v.windows[PID] is first
+    v.on_process(SimpleNamespace(pid=PID, start_time=200))  # another process with the pid
+    assert v.windows[PID] is not first and v.windows[PID].end_ns is None

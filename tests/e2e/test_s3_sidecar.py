@@ -8,25 +8,39 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from support.harness import run_workload
-from support.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
+from support.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_sidecar(s3, buffer, log):
+def wait_ready(port, proc, timeout=120):
+    """The sidecar's /readyz: BPF loaded and the pipeline running (compiling takes seconds on a busy machine)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the sidecar exited"
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the sidecar did not become ready")
+
+
+def start_sidecar(s3, buffer, log, health_port):
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "AWS_REGION": REGION, "AWS_ENDPOINT_URL_S3": s3.url, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "otel_cuda.cli", "run", "--match", "--tag s3-kill", "--archive", "s3://traces/run1",
          "--archive-buffer", str(buffer), "--metrics-address", "off",
-         "--health-address", "off", "--receiver-grpc", "off", "--receiver-http", "off", "--discovery-interval", "0.1"],
+         "--health-address", f"127.0.0.1:{health_port}", "--receiver-grpc", "off", "--receiver-http", "off", "--discovery-interval", "0.1"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -44,15 +58,17 @@ def test_sigkill_during_the_run_loses_nothing_written_and_duplicates_nothing(tmp
         client.create_bucket(Bucket="traces")
         buffer = tmp_path / "buffer"
         with open(tmp_path / "sidecar.log", "w") as log:
-            first = start_sidecar(s3, buffer, log)
-            time.sleep(4)  # BPF compiled, waiting for the workload
+            health = free_port()
+            first = start_sidecar(s3, buffer, log, health)
+            wait_ready(health, first)
             truth = run_workload("--tag", "s3-kill", "--threads", "2", "--steps", "10", "--launches", "4",
                                  "--start-delay-ms", "1000")
             time.sleep(2.5)  # past the archive's 1 s flush; the file is still open (rotation: 60 s), not uploaded
             assert not s3_records(client), "nothing was uploaded before the kill: recovery is what is tested"
             first.send_signal(signal.SIGKILL)
             first.wait()
-            second = start_sidecar(s3, buffer, log)  # recovers the killed run's files and uploads them
+            second = start_sidecar(s3, buffer, log, health)  # recovers the killed run's files and uploads them
+            wait_ready(health, second)
             deadline = time.time() + 60
             expected = sum(truth["calls"].values())
             while time.time() < deadline:
@@ -64,6 +80,6 @@ def test_sigkill_during_the_run_loses_nothing_written_and_duplicates_nothing(tmp
             assert second.wait(120) == 0
         records = [r for r in s3_records(client) if r.get("pid") == truth["pid"] and r["type"] == "cuda_api"]
         identities = Counter((r["tid"], r["mono_ns"], r["func"]) for r in records)
-        assert max(identities.values()) == 1, "an event reached S3 twice"
+        assert records and max(identities.values()) == 1, "an event reached S3 twice"
         assert Counter(r["func"] for r in records) == Counter({f: n for f, n in truth["calls"].items() if n})
         assert not list(buffer.rglob("*.jsonl.gz")), "uploaded files are deleted locally"

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 LIBCUDA = re.compile(r"/libcuda\.so(\.\d+)*$")
 LIBCUDART = re.compile(r"/libcudart\.so(\.\d+)*$")
+LIBCUDA_OR_RUNTIME = re.compile(r"/libcuda(rt)?\.so(\.\d+)*$")
 
 
 class SelectionError(ValueError):

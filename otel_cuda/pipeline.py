@@ -21,7 +21,7 @@ from typing import Protocol
 from . import events as ev_mod
 from . import probes as probe_table
 from .clock import MonotonicToEpoch
-from .discovery import Discovery, Library, ProcInfo
+from .discovery import LIBCUDA, LIBCUDA_OR_RUNTIME, LIBCUDART, Discovery, Library, ProcInfo
 from .events import Event
 from .names import KernelNames
 from .records import symbol, to_record
@@ -107,12 +107,12 @@ class Pipeline:
     discovery: Discovery
 
     def __init__(self, probes, archive: ArchiveSink, observer: Observer, clock: MonotonicToEpoch,
-                 attach_set: tuple, archive_queue_size: int = 65536):
+                 attach_set: tuple[tuple, tuple], archive_queue_size: int = 65536):
         self.probes = probes
         self.archive = archive
         self.observer = observer
         self.clock = clock
-        self.attach_set = attach_set
+        self.attach_set = attach_set  # (probes for libcuda, probes for libcudart)
         self.totals = Totals()
         self.events_to_archive: queue.Queue = queue.Queue(maxsize=archive_queue_size)
         self.ready = threading.Event()
@@ -133,7 +133,8 @@ class Pipeline:
 
     def on_library(self, lib: Library) -> None:
         try:
-            missing = self.probes.attach_library(lib.identity, lib.path, self.attach_set)
+            probes = self.attach_set[LIBCUDART.search(lib.mapped_path) is not None]
+            missing = self.probes.attach_library(lib.identity, lib.path, probes)
         except Exception as exc:
             self.discovery.counters.attach_failures += 1
             log.error("cannot attach to %s: %s", lib.mapped_path, exc)
@@ -260,12 +261,13 @@ def build(config, probes, procfs, archive: ArchiveSink | None = None, observer: 
           clock: MonotonicToEpoch | None = None, admit=lambda pid: True) -> Pipeline:
     """Wire the stages. `probes` is a loaded bpf.Probes (or a double with the same methods)."""
     p = Pipeline(probes, archive or NullArchive(), observer or NullObserver(), clock or MonotonicToEpoch(),
-                 attach_set=probe_table.selected(config.runtime))
+                 attach_set=(probe_table.DRIVER_PROBES, probe_table.RUNTIME_PROBES))
     p.names = KernelNames()
     p.steps = StepTracker(config.steps, on_step=p.on_step, on_outlier=p.observer.on_outlier)
     p.reader = RingReader(probes.read_batch, ev_mod.decode, deliver=p.on_events)
     p.discovery = Discovery(config.selector, procfs, on_select=p.on_select, on_exit=p.on_exit,
                             on_library=p.on_library, on_library_unused=p.on_library_unused,
+                            library=LIBCUDA_OR_RUNTIME if config.runtime else LIBCUDA,
                             interval_s=config.discovery_interval_s, detach_grace_s=config.detach_grace_s,
                             admit=admit)
     return p

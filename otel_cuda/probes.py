@@ -131,7 +131,3 @@ CU_RESULTS: dict[int, str] = {
 def result_name(code: int) -> str:
     return CU_RESULTS.get(code) or ("CUDA_SUCCESS" if code == 0 else f"CUDA_ERROR_{code}")
 
-
-def selected(runtime: bool) -> tuple[Probe, ...]:
-    """The probes to attach: the driver set, plus the runtime layer when asked."""
-    return PROBES if runtime else DRIVER_PROBES

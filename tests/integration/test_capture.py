@@ -9,6 +9,8 @@ from collections import Counter
 
 import pytest
 
+from otel_cuda.probes import BY_ID
+
 from support.harness import RunningSidecar, WORKLOAD, run_workload, start_workload
 
 pytestmark = pytest.mark.root
@@ -94,3 +96,23 @@ def test_restart_and_filtering(probes):
     assert captured(sidecar.pipeline, second["pid"]) == {f: n for f, n in second["calls"].items() if n}
     assert captured(sidecar.pipeline, other_truth["pid"]) == {}, "a process that does not match is not traced"
     assert sidecar.pipeline.discovery.counters.processes_exited >= 2
+
+
+def test_runtime_layer_counts_each_call_once(probes):
+    sidecar = RunningSidecar(probes, match=r"--tag capture-rt", runtime=True)
+    truth = run_workload("--tag", "capture-rt", "--runtime", "--threads", "2", "--steps", "5", "--launches", "4",
+                         "--start-delay-ms", "1500")
+    time.sleep(0.3)
+    sidecar.stop()
+    pid = truth["pid"]
+    got = captured(sidecar.pipeline, pid)
+    runtime = {f: n for f, n in truth["runtime_calls"].items() if n}
+    # every runtime call is seen, and so is the driver call it makes (flagged nested in the archive)
+    assert {f: got.get(f) for f in runtime} == runtime
+    assert {f: got.get(f, 0) for f in truth["calls"] if truth["calls"][f]} == {f: n for f, n in truth["calls"].items() if n}
+    # ...but counted once: the kernel's per-function counts leave the nested driver calls out
+    stats = {BY_ID[func].symbol: agg["calls"] for (spid, func), agg in probes.stats().items() if spid == pid}
+    launches_via_runtime = runtime.get("cudaLaunchKernel", 0)
+    assert stats["cudaLaunchKernel"] == launches_via_runtime
+    assert stats.get("cuLaunchKernel", 0) == truth["calls"]["cuLaunchKernel"] - launches_via_runtime
+    assert sum(stats.values()) == sum(truth["calls"].values())  # runtime + non-nested driver = one count per call

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VLLM_LIKE = ROOT / "testbed" / "vllm_like.py"
 LIBCUDA = Path(os.environ.get("VLLM_LIKE_LIBCUDA") or ROOT / "testbed" / "build" / "libcuda.so.1")
 
-pytestmark = pytest.mark.skipif(not LIBCUDA.exists(), reason=f"no fake driver at {LIBCUDA}: run make -C testbed")
+pytestmark = pytest.mark.usefixtures("testbed")  # builds the fake driver (tests/conftest.py)
 
 LATENCIES = ("time_in_queue", "time_to_first_token", "time_in_model_prefill", "time_in_model_decode",
              "time_in_model_inference", "e2e")

@@ -336,7 +336,14 @@ class SeedBpftrace:
             self.proc.wait()
         self._err_f.close()
         err = open(self.err).read()
+        # bpftrace reports perf-buffer overflows as "Lost N events" in its output (the -o file), older versions on
+        # stderr: both are read
         reported = sum(int(n) for n in re.findall(r"Lost (\d+) events", err))
+        try:
+            with open(self.out, "rb") as f:
+                reported += sum(int(n) for n in re.findall(rb"Lost (\d+) events", f.read()))
+        except OSError:
+            pass
         return {"lines": self.lines(), "reported_lost": reported, "stderr": err.strip()[-500:]}
 
 
@@ -393,12 +400,16 @@ class InProcessSidecar:
         settings = sidecar_settings(pid, archive_dir)
         procfs = OneProcess(pid)
         self.full = full and have_otel()
+        self.why_not_full = "" if self.full else "opentelemetry is not installed"
         if self.full:
-            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-            from opentelemetry.sdk.trace import SpanProcessor
+            try:
+                from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+                from opentelemetry.sdk.trace import SpanProcessor
 
-            from otel_cuda.sidecar import start
-
+                from otel_cuda.sidecar import start
+            except ImportError as exc:  # the GPU machine may lack the receiver's deps (grpc protos)
+                self.full, self.why_not_full = False, f"the sidecar does not import here: {exc}"
+        if self.full:
             self.sidecar = start(settings, probes, procfs=procfs, env={}, span_processor=SpanProcessor(),
                                  metric_readers=[InMemoryMetricReader()], self_metric_readers=[InMemoryMetricReader()])
             self.pipeline = self.sidecar.pipeline
@@ -413,7 +424,8 @@ class InProcessSidecar:
             self.sidecar = None
             self.pipeline = build(settings, probes, procfs, archive=archive)
         self.kind = ("sidecar (telemetry" if self.full else "pipeline (null observer") + (
-            ", archive on)" if archive_dir else ", archive off)")
+            ", archive on)" if archive_dir else ", archive off)") + (
+            f" [{self.why_not_full}]" if full and not self.full else "")
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -548,6 +560,8 @@ static __always_inline u64 ring_wake_flags(void)
 
 
 def proposed_program_text(text: str) -> str:
+    if "ring_wake_flags" in text:
+        raise ValueError("the program has a wakeup policy of its own already (the proposal was applied): drop --proposed")
     anchor = re.search(r"BPF_RINGBUF_OUTPUT\(events, [^)]*\);\n", text)
     if anchor is None:
         raise ValueError("no BPF_RINGBUF_OUTPUT(events, ...) in the program")

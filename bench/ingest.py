@@ -34,6 +34,7 @@ import benchlib as bl  # noqa: E402
 
 RATES = (5000, 10000, 20000, 30000, 40000, 50000, 60000, 80000, 100000, 0)  # 0 = flat out
 QUICK_RATES = (10000, 30000, 50000, 0)
+CPU_SUITE_RATES = (10000, 30000, 50000, 80000, 0)  # bench/cpu's ingest part (bench/ingest: the full sweep)
 SYM = "cuLaunchKernel"
 
 
@@ -48,6 +49,8 @@ def parse_args(argv=None):
                     help="auto: the sidecar's stages (telemetry) where opentelemetry is installed, else the pipeline")
     ap.add_argument("--proposed", action="store_true", help="also run the proposed ring-buffer wakeup policy")
     ap.add_argument("--no-seed", action="store_true", help="skip the sweep with the seeds' bpftrace design")
+    ap.add_argument("--contended-calls", type=float, default=200000,
+                    help="calls of the contended run (producer threads on every core, consumer unpinned); 0 = skip")
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first step that loses events")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
     ap.add_argument("--tracer-cpu", default="0")
@@ -61,6 +64,7 @@ def parse_args(argv=None):
         args.rate_list = QUICK_RATES if args.quick else RATES
     if args.quick:
         args.seconds = min(args.seconds, 1.5)
+        args.contended_calls = min(args.contended_calls, 100000)
     return args
 
 
@@ -101,16 +105,19 @@ def sweep(args, driver: bl.Driver, archive: bool, proposed: bool) -> dict:
         tracer.close()
         if adir:
             shutil.rmtree(adir, ignore_errors=True)
-    best = None
+    prefix = []  # the steps up to the first that lost events or fell behind
     for s in steps:
         if not s["kept_up"]:
             break
-        best = s
+        prefix.append(s)
+    best = max(prefix, key=lambda s: s["rate"]) if prefix else None  # the fastest of them
     flat = next((s for s in steps if s["target_rate"] == "max"), None)
     if best is None:
         limit = "consumer (lost events or fell behind at the lowest rate)"
-    elif best is steps[-1] and best is flat:
+    elif len(prefix) == len(steps) and flat is not None:
         limit = "producer: the traced thread's uprobe trap caps the rate; the consumer kept up flat out"
+    elif len(prefix) == len(steps):
+        limit = "not reached: every step kept up (raise --rates)"
     else:
         limit = "consumer: the next step lost events or fell behind"
     return {"archive": archive, "proposed": proposed, "consumer": tracer.kind, "steps": steps,
@@ -131,6 +138,7 @@ def seed_sweep(args, driver: bl.Driver) -> dict:
     seed = bl.SeedBpftrace(driver.lib("ingest"), SYM, driver.pid, cpus=args.tracer_cpu)
     steps = []
     total_calls = 0
+    counted_from = time.monotonic_ns()
     try:
         seed.wait_attached(lambda: driver.run("launch", 1, rate=1))
         counted_from = time.monotonic_ns()  # calls counted from here on (the attach pokes before are not)
@@ -159,18 +167,58 @@ def seed_sweep(args, driver: bl.Driver) -> dict:
         res = seed.stop()
         res["lines"] = seed.lines_since(counted_from) if steps else 0
         shutil.rmtree(seed.dir, ignore_errors=True)
-    best = None
+    prefix = []
     for st in steps:
         if not st["kept_up"]:
             break
-        best = st
+        prefix.append(st)
+    best = max(prefix, key=lambda st: st["rate"]) if prefix else None
     return {"archive": None, "proposed": False, "consumer": "bpftrace (the seeds' design)", "steps": steps,
             "calls_total": total_calls, "lines_total": res["lines"], "lost_total": max(0, total_calls - res["lines"]),
             "reported_lost": res["reported_lost"], "events_per_s_zero_loss": best["rate"] if best else 0,
             "cpu_s_per_100k_events": best["cpu_s_per_100k_events"] if best else None,
             "events_per_s_per_core": round(1e5 / best["cpu_s_per_100k_events"]) if best and best[
                 "cpu_s_per_100k_events"] else None,
-            "limited_by": "producer" if best is not None and best is steps[-1] else "bpftrace (lost or fell behind)"}
+            "limited_by": "producer" if prefix and len(prefix) == len(steps) else "bpftrace (lost or fell behind)"}
+
+
+def contended(args, kind: str) -> dict:
+    """Producer threads on every core, flat out, and the consumer unpinned: the consumer has to win CPU time from
+    the workload, as a sidecar does on a busy node. One run per consumer kind (ours, proposed, seed)."""
+    threads = os.cpu_count() or 2
+    driver = bl.Driver(("ingest",), cpus="")
+    n = int(args.contended_calls)
+    try:
+        driver.name()
+        if kind == "seed":
+            seed = bl.SeedBpftrace(driver.lib("ingest"), SYM, driver.pid, cpus="")
+            try:
+                seed.wait_attached(lambda: driver.run("launch", 1, rate=1))
+                t0 = time.monotonic_ns()
+                r = driver.run("launch", n, rate=0, threads=threads)["ingest"]
+                seed.wait_output(seed.lines() + n - SEED_BUFFERED_LINES, quiet_s=1.0)
+            finally:
+                res = seed.stop()
+                lines = seed.lines_since(t0) if "t0" in locals() else 0
+                shutil.rmtree(seed.dir, ignore_errors=True)
+            return {"consumer": "bpftrace (the seeds' design)", "calls": r["n"], "rate": round(r["rate"]),
+                    "events": lines, "lost": max(0, r["n"] - lines), "reported_lost": res["reported_lost"]}
+        adir = tempfile.mkdtemp(prefix="bench-ingest-archive-")
+        tracer = bl.Tracer(driver.lib("ingest"), driver.pid, cpus="", proposed=kind == "proposed", archive=adir,
+                           consumer=args.consumer, symbols=f"{SYM},cuModuleGetFunction")
+        try:
+            b = tracer.stats()
+            r = driver.run("launch", n, rate=0, threads=threads)["ingest"]
+            a = tracer.wait(SYM, b["calls"].get(SYM, 0) + r["n"], True)
+        finally:
+            tracer.close()
+            shutil.rmtree(adir, ignore_errors=True)
+        got = a["calls"].get(SYM, 0) - b["calls"].get(SYM, 0)
+        return {"consumer": tracer.kind + (" proposed" if kind == "proposed" else ""), "calls": r["n"],
+                "rate": round(r["rate"]), "events": got, "lost": r["n"] - got, "lost_ringbuf": a["lost"] - b["lost"],
+                "cpu_s_per_100k_events": round((a["cpu_s"] - b["cpu_s"]) * 1e5 / max(got, 1), 4)}
+    finally:
+        driver.close()
 
 
 def run(args, driver: bl.Driver | None = None) -> dict:
@@ -190,6 +238,16 @@ def run(args, driver: bl.Driver | None = None) -> dict:
                 except Exception as exc:  # noqa: BLE001 - report what there is
                     bl.log(f"ingest sweep archive={archive} proposed={proposed} failed: {exc!r}")
                     sweeps.append({"archive": archive, "proposed": proposed, "error": repr(exc)})
+        if args.contended_calls:
+            out["contended"] = {}
+            for kind in ("ours",) + (("proposed",) if args.proposed else ()) + (() if args.no_seed else ("seed",)):
+                try:
+                    c = out["contended"][kind] = contended(args, kind)
+                    bl.log(f"ingest contended, {kind}: {c['calls']} calls at {c['rate']}/s on every core, "
+                           f"{c['lost']} lost")
+                except Exception as exc:  # noqa: BLE001
+                    bl.log(f"ingest contended {kind} failed: {exc!r}")
+                    out["contended"][kind] = {"error": repr(exc)}
         if not args.no_seed:
             try:
                 sweeps.append(seed_sweep(args, driver))
@@ -216,6 +274,10 @@ def run(args, driver: bl.Driver | None = None) -> dict:
 
 def table(res: dict) -> str:
     lines = []
+    for kind, c in res.get("contended", {}).items():
+        lines.append(f"contended ({kind}): " + (c["error"] if "error" in c else
+                     f"{c['calls']} calls at {c['rate']}/s on every core, {c['events']} events, {c['lost']} lost"
+                     f" [{c['consumer']}]"))
     for name, s in res["sweeps"].items():
         lines.append(f"{name}: {s.get('consumer', '')}")
         if "error" in s:

@@ -328,7 +328,14 @@ def main(argv=None) -> int:
     if not args.no_ingest:
         import ingest
 
-        ing = ingest.run(ingest.parse_args(["--quick"] if args.quick else []))
+        ing_args = ["--quick"] if args.quick else ["--seconds", "2", "--contended-calls", "100000",
+                                                    "--rates", ",".join(map(str, ingest.CPU_SUITE_RATES))]
+        if args.proposed:
+            ing_args.append("--proposed")
+        if args.no_seed:
+            ing_args.append("--no-seed")
+        ing = ingest.run(ingest.parse_args(ing_args + ["--tracer-cpu", args.tracer_cpu,
+                                                       "--workload-cpu", args.workload_cpu]))
         res["ingest"] = ing
         for k in ("ingest_events_per_s_zero_loss", "cpu_s_per_100k_events", "consumer_events_per_s_per_core"):
             res[k] = ing.get(k)

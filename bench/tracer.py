@@ -41,7 +41,7 @@ class Tracer:
         if args.symbols == "default":
             from otel_cuda import probes as probe_table
 
-            self.probe_set = probe_table.selected(False)
+            self.probe_set = probe_table.DRIVER_PROBES
         else:
             self.probe_set = tuple(bl.probe(s) for s in args.symbols.split(","))
         self.symbols = [p.symbol for p in self.probe_set]

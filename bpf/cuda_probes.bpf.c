@@ -25,8 +25,30 @@
 #ifndef MAX_ALLOCS
 #define MAX_ALLOCS 262144
 #endif
+#ifndef RINGBUF_WAKE_EVERY
+#define RINGBUF_WAKE_EVERY 256 /* a power of two */
+#endif
+#ifndef RUNTIME_LAYER
+#define RUNTIME_LAYER 1
+#endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+/* Records submitted per CPU: the consumer is woken once per RINGBUF_WAKE_EVERY of them, not at every record it has
+ * caught up with (the kernel's default for flags 0, which a consumer idle on another core always has). A wakeup
+ * costs the traced thread an irq_work (a self-IPI) inside the probe, and the consumer a context switch to read a
+ * batch of one. Records below the mark are read on the consumer's poll timeout (bpf.py read_batch). */
+BPF_PERCPU_ARRAY(ring_submitted, u64, 1);
+
+static __always_inline u64 ring_wake_flags(void)
+{
+    int zero = 0;
+    u64 *n = ring_submitted.lookup(&zero);
+    if (!n)
+        return BPF_RB_FORCE_WAKEUP;
+    *n += 1;
+    return (*n & (RINGBUF_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
 
 /* Processes to trace (key: tgid as the sidecar sees it). Uprobes fire for every process that maps the
  * probed inode, so this filter is what keeps other GPU processes on the node out. */
@@ -155,7 +177,11 @@ static __always_inline void live_add(u32 pid, u32 mem_type, s64 delta)
 
 static __always_inline u8 nested_now(u32 tid)
 {
+#if RUNTIME_LAYER
     return in_runtime.lookup(&tid) != 0;
+#else
+    return 0; /* no runtime probes attached: nothing marks a thread, and a lookup per call is saved */
+#endif
 }
 
 /* Every record starts with this header (the padding is written too: records are read as bytes). */
@@ -175,6 +201,11 @@ static __always_inline void fill_header(struct oc_header *h, u8 type, u8 layer, 
 
 /* ---- argument access -------------------------------------------------------------------------- */
 /* Arguments 7..9 of the launch calls are on the stack on x86-64 (above the return address). */
+/* A bpf_probe_read_user costs ~100 ns (a quarter of the launch handler): the launches' three stack arguments are
+ * read in one go; ARG8 alone for cudaLaunchKernel's stream. */
+struct stack_args {
+    u64 a7, a8, a9;
+};
 #if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
 static __always_inline u64 stack_arg(struct pt_regs *ctx, int n)
 {
@@ -182,19 +213,21 @@ static __always_inline u64 stack_arg(struct pt_regs *ctx, int n)
     bpf_probe_read_user(&v, sizeof(v), (void *)(PT_REGS_SP(ctx) + 8 * (n - 6)));
     return v;
 }
-#define ARG7(ctx) stack_arg(ctx, 7)
-#define ARG8(ctx) stack_arg(ctx, 8)
-#define ARG9(ctx) stack_arg(ctx, 9)
-#else /* arm64: eight register arguments, the ninth at sp */
-static __always_inline u64 stack_arg9(struct pt_regs *ctx)
+static __always_inline struct stack_args stack_args_789(struct pt_regs *ctx)
 {
-    u64 v = 0;
-    bpf_probe_read_user(&v, sizeof(v), (void *)PT_REGS_SP(ctx));
-    return v;
+    struct stack_args a = {};
+    bpf_probe_read_user(&a, sizeof(a), (void *)(PT_REGS_SP(ctx) + 8));
+    return a;
 }
-#define ARG7(ctx) ((u64)ctx->regs[6])
+#define ARG8(ctx) stack_arg(ctx, 8)
+#else /* arm64: eight register arguments, the ninth at sp */
+static __always_inline struct stack_args stack_args_789(struct pt_regs *ctx)
+{
+    struct stack_args a = {.a7 = ctx->regs[6], .a8 = ctx->regs[7]};
+    bpf_probe_read_user(&a.a9, sizeof(a.a9), (void *)PT_REGS_SP(ctx));
+    return a;
+}
 #define ARG8(ctx) ((u64)ctx->regs[7])
-#define ARG9(ctx) stack_arg9(ctx)
 #endif
 #define P1(ctx) ((u64)PT_REGS_PARM1(ctx))
 #define P2(ctx) ((u64)PT_REGS_PARM2(ctx))
@@ -258,7 +291,7 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
     launch_fill(e, pid, tid, func, ts, handle, stream, gx, gy, gz, bx, by, bz, shmem);
     if (nested)
         e->h.flags |= OC_F_NESTED;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake_flags());
 #endif
     return 0;
 }
@@ -288,7 +321,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     e->h.flags = OC_F_RETURN | (v->nested ? OC_F_NESTED : 0);
     e->dur_ns = dur;
     e->result = result;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake_flags());
     inflight.delete(&k);
 #endif
     return 0;
@@ -297,16 +330,18 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
 /* CUresult cuLaunchKernel(CUfunction f, gx, gy, gz, bx, by, bz, sharedMemBytes, hStream, params, extra) */
 int entry_cuLaunchKernel(struct pt_regs *ctx)
 {
-    return launch_entry(ctx, OC_FN_cuLaunchKernel, P1(ctx), ARG9(ctx), P2(ctx), P3(ctx), P4(ctx), P5(ctx), P6(ctx),
-                        ARG7(ctx), ARG8(ctx));
+    struct stack_args a = stack_args_789(ctx);
+    return launch_entry(ctx, OC_FN_cuLaunchKernel, P1(ctx), a.a9, P2(ctx), P3(ctx), P4(ctx), P5(ctx), P6(ctx), a.a7,
+                        a.a8);
 }
 int return_cuLaunchKernel(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchKernel); }
 
 /* CUresult cuLaunchCooperativeKernel(CUfunction f, gx, gy, gz, bx, by, bz, sharedMemBytes, hStream, params) */
 int entry_cuLaunchCooperativeKernel(struct pt_regs *ctx)
 {
-    return launch_entry(ctx, OC_FN_cuLaunchCooperativeKernel, P1(ctx), ARG9(ctx), P2(ctx), P3(ctx), P4(ctx),
-                        P5(ctx), P6(ctx), ARG7(ctx), ARG8(ctx));
+    struct stack_args a = stack_args_789(ctx);
+    return launch_entry(ctx, OC_FN_cuLaunchCooperativeKernel, P1(ctx), a.a9, P2(ctx), P3(ctx), P4(ctx), P5(ctx),
+                        P6(ctx), a.a7, a.a8);
 }
 int return_cuLaunchCooperativeKernel(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchCooperativeKernel); }
 
@@ -435,7 +470,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
 #pragma unroll
     for (int i = 0; i < OC_ARGS; i++)
         e->args[i] = args[i];
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake_flags());
     return 0;
 }
 
@@ -527,7 +562,7 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
     if (!v->nested)
         account(pid, func, e->dur_ns, 1, result, 0);
     inflight.delete(&k);
-    if (events.ringbuf_output(e, sizeof(*e), 0))
+    if (events.ringbuf_output(e, sizeof(*e), ring_wake_flags()))
         count_lost();
     return 0;
 }
@@ -559,7 +594,7 @@ static __always_inline void proc_event(u16 kind, u32 pid, u32 tid, u32 child, u8
     e->child_pid = child;
     e->selected = selected;
     e->_pad0[0] = e->_pad0[1] = e->_pad0[2] = 0;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP); /* rare, and discovery waits on it */
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)

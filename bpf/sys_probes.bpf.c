@@ -145,7 +145,7 @@ static __always_inline void sys_emit(u16 func, u32 pid, u32 tid, u64 ts, u64 dur
     e->args[3] = a3;
     /* a failed read (path 0) zero-fills the destination */
     bpf_probe_read_kernel(e->path, OC_NAME_LEN, path);
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, ring_wake_flags());
 }
 
 static __always_inline void sys_flush(u32 gtid, struct sys_pending *p)

@@ -271,6 +271,24 @@ class Archive:
                 except OSError as e:
                     self._write_failed_locked(e)
 
+    def write_lines(self, lines: list[str]) -> None:
+        """Appends preformatted JSON lines (each ending in a newline) under one lock: the pipeline's batch path."""
+        data = [line.encode() for line in lines]
+        with self._lock:
+            if self._sink is None and not self._open_locked():
+                return
+            self._buf.extend(data)
+            self._buf_bytes += sum(map(len, data))
+            self._file_lines += len(data)
+            self._stats["lines_written"] += len(data)
+            if self._buf_bytes >= self._batch_limit:
+                try:
+                    self._drain_locked()
+                    if self._sink.size >= self.config.rotate_bytes:
+                        self._rotate_locked()
+                except OSError as e:
+                    self._write_failed_locked(e)
+
     @property
     def lines_written(self) -> int:
         return self._stats["lines_written"]

@@ -28,6 +28,10 @@ class BpfConfig:
     launch_return: bool = False
     max_inflight: int = 16384
     max_allocs: int = 262144
+    # the kernel wakes the consumer once per this many records a CPU submits (a power of two); below it the
+    # consumer reads on its poll timeout (read_batch)
+    ringbuf_wake_every: int = 256
+    runtime_layer: bool = True  # False: no runtime probes, so no nesting lookup per call
     # further .bpf.c files compiled into the same program; the system view (file I/O, mmap, scheduling) by default
     extra_sources: tuple[str, ...] = (str(BPF_DIR / "sys_probes.bpf.c"),)
     extra_cflags: tuple[str, ...] = ()
@@ -39,6 +43,8 @@ class BpfConfig:
             f"-DLAUNCH_RETURN={int(self.launch_return)}",
             f"-DMAX_INFLIGHT={self.max_inflight}",
             f"-DMAX_ALLOCS={self.max_allocs}",
+            f"-DRINGBUF_WAKE_EVERY={self.ringbuf_wake_every}",
+            f"-DRUNTIME_LAYER={int(self.runtime_layer)}",
         ]
         ns = os.stat("/proc/self/ns/pid")
         if ns.st_ino != PROC_PID_INIT_INO:
@@ -149,7 +155,10 @@ class Probes:
             self._on_record = on_record  # BCC keeps only a weak hold on the callback
             self._bpf["events"].open_ring_buffer(on_record)
             self._ring_open = True
+        # Returns early when the kernel woke us (RINGBUF_WAKE_EVERY records on a CPU); the records submitted without
+        # a wakeup are read by the consume that follows, so none waits longer than timeout_ms.
         self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
         batch, self._batch = self._batch, []
         return batch
 

@@ -156,7 +156,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Si
         archive = _seed_s3(env) or archive
     return SidecarConfig(
         selector=selector,
-        bpf=BpfConfig(ringbuf_pages=pages, launch_return=values["launch_return"],
+        bpf=BpfConfig(ringbuf_pages=pages, launch_return=values["launch_return"], runtime_layer=values["runtime"],
                       **({"extra_sources": ()} if values["no_system_view"] else {})),
         steps=StepConfig(outlier_ns=int(values["outlier_ms"] * 1e6), outlier_bytes=values["outlier_bytes"]),
         archive=archive,

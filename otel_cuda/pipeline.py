@@ -24,7 +24,7 @@ from .clock import MonotonicToEpoch
 from .discovery import LIBCUDA, LIBCUDA_OR_RUNTIME, LIBCUDART, Discovery, Library, ProcInfo
 from .events import Event
 from .names import KernelNames
-from .records import symbol, to_record
+from .records import launch_line, record_line, symbol, to_record
 from .source import RingReader
 from .steps import Step, StepTracker
 from .system import sys_record
@@ -51,6 +51,7 @@ class Observer(Protocol):
 
 
 class NullArchive:
+    enabled = False  # the pipeline builds no record for it and queues nothing
     def write(self, record: dict) -> None:
         pass
 
@@ -114,7 +115,13 @@ class Pipeline:
         self.clock = clock
         self.attach_set = attach_set  # (probes for libcuda, probes for libcudart)
         self.totals = Totals()
-        self.events_to_archive: queue.Queue = queue.Queue(maxsize=archive_queue_size)
+        # one item per ring-buffer batch, (epoch offset, [(event, kernel, step)]), or a record of another stage;
+        # bounded in events (batches are 1 to thousands of events, as the load goes)
+        self.events_to_archive: queue.Queue = queue.Queue()
+        self._archive_limit = archive_queue_size
+        self._archive_backlog = 0  # events queued for the archive thread
+        self._backlog_lock = threading.Lock()
+        self._archiving = getattr(archive, "enabled", True)
         self.ready = threading.Event()
         self._stopped = False
 
@@ -161,10 +168,6 @@ class Pipeline:
                 continue
             if ev.type == ev_mod.EV_SYS:
                 annotated.append((ev, None, None))
-                try:
-                    self.events_to_archive.put_nowait(sys_record(ev, offset))
-                except queue.Full:
-                    totals.dropped_queue += 1
                 continue
             ev = names.observe(ev)
             kernel = names.name_of_launch(ev)
@@ -177,10 +180,8 @@ class Pipeline:
                 if ev.result != 0:
                     totals.errors[func] += 1
             annotated.append((ev, kernel, step))
-            try:
-                self.events_to_archive.put_nowait(to_record(ev, offset, kernel, step))
-            except queue.Full:
-                totals.dropped_queue += 1
+        if self._archiving and annotated:  # one hand-over per batch; the archive thread formats the lines
+            self._to_archive((offset, annotated), len(annotated))
         self.observer.on_events(annotated)
 
     def on_step(self, step: Step) -> None:
@@ -189,23 +190,54 @@ class Pipeline:
 
     # -- threads ----------------------------------------------------------------------------------------
     def _archive_loop(self) -> None:
+        write_lines = getattr(self.archive, "write_lines", None)
         while True:
-            record = self.events_to_archive.get()
-            if record is None:  # close(): everything queued before it has been written
+            item = self.events_to_archive.get()
+            if item is None:  # close(): everything queued before it has been written
                 return
+            n = 1 if isinstance(item, dict) else len(item[1])
+            with self._backlog_lock:
+                self._archive_backlog -= n
             try:
-                self.archive.write(record)
-                self.totals.archived += 1
+                if isinstance(item, dict):  # a record of another stage (the join's request records)
+                    self.archive.write(item)
+                elif write_lines is not None:
+                    write_lines(self._lines(*item))
+                else:
+                    for rec in self._records(*item):
+                        self.archive.write(rec)
+                self.totals.archived += n
             except Exception:
-                log.exception("archive write failed; the record is counted as dropped")
-                self.totals.dropped_queue += 1
+                log.exception("archive write failed; the records are counted as dropped")
+                self.totals.dropped_queue += n
+
+    def _to_archive(self, item, n: int) -> None:
+        with self._backlog_lock:
+            if self._archive_backlog + n > self._archive_limit:
+                self.totals.dropped_queue += n
+                return
+            self._archive_backlog += n
+        self.events_to_archive.put_nowait(item)
+
+    @staticmethod
+    def _records(offset: int, annotated: list):
+        for ev, kernel, step in annotated:
+            yield sys_record(ev, offset) if ev.type == ev_mod.EV_SYS else to_record(ev, offset, kernel, step)
+
+    @staticmethod
+    def _lines(offset: int, annotated: list) -> list[str]:
+        out = []
+        for ev, kernel, step in annotated:
+            line = launch_line(ev, offset, kernel, step)
+            if line is None:
+                line = record_line(sys_record(ev, offset) if ev.type == ev_mod.EV_SYS
+                                   else to_record(ev, offset, kernel, step))
+            out.append(line)
+        return out
 
     def archive_record(self, record: dict) -> None:
         """Queue a record from another stage (the join's request records)."""
-        try:
-            self.events_to_archive.put_nowait(record)
-        except queue.Full:
-            self.totals.dropped_queue += 1
+        self._to_archive(record, 1)
 
     def start(self) -> None:
         self._archive_thread = threading.Thread(target=self._archive_loop, name="archive", daemon=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from . import probes
 from .events import EV_CALL, EV_LAUNCH, EV_NAME, LAYER_RUNTIME, Event
 
@@ -126,3 +128,45 @@ def from_record(rec: dict) -> Event | None:
 
 
 _RESULT_CODES = {name: code for code, name in probes.CU_RESULTS.items()}
+
+
+# ---- the archive's hot path: launches (most events) formatted straight to a JSON line ----------------------------
+# Parsed, equal to to_record(...) (tests/unit/test_records.py: test_launch_line_is_the_record); about a fifth of the
+# CPU of building the dict and encoding it.
+_LAUNCH_HEAD = ('{"v":%d,"type":"%s","ts":%%d,"mono_ns":%%d,"pid":%%d,"tid":%%d,"func":"%s","phase":"entry",'
+                '"dur_ns":null,"result":null,"args":')
+_LAUNCH_ARGS = '{"function":"0x%x","grid":[%d,%d,%d],"block":[%d,%d,%d],"shared_mem":%d,"stream":"0x%x"}'
+_GRAPH_ARGS = '{"graph":"0x%x","stream":"0x%x"}'
+_quoted_names: dict[str, str] = {}  # kernel name -> its JSON string (names repeat: escaped once)
+_heads: dict[tuple[int, int], str] = {}
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def launch_line(ev: Event, epoch_offset_ns: int, kernel: str | None, step: int | None) -> str | None:
+    """The archive line of an entry-only launch event; None for anything else (use record_line)."""
+    if ev.type != EV_LAUNCH or ev.flags:
+        return None
+    head = _heads.get((ev.func, ev.layer))
+    if head is None:
+        head = _heads[(ev.func, ev.layer)] = _LAUNCH_HEAD % (
+            SCHEMA_VERSION, "cuda_runtime" if ev.layer == LAYER_RUNTIME else "cuda_api", symbol(ev))
+    handle, stream, gx, gy, gz, bx, by, bz, shmem = ev.args
+    if ev.func == _GRAPH_LAUNCH_ID:
+        args = _GRAPH_ARGS % (handle, stream)
+    else:
+        args = _LAUNCH_ARGS % (handle, gx, gy, gz, bx, by, bz, shmem, stream)
+    tail = ',"step":%s' % ("null" if step is None else step)
+    if kernel is not None:
+        q = _quoted_names.get(kernel)
+        if q is None:
+            q = _quoted_names[kernel] = json.dumps(kernel)
+        tail += ',"kernel":' + q
+    return (head % (ev.ts_ns + epoch_offset_ns, ev.ts_ns, ev.pid, ev.tid)) + args + tail + "}\n"
+
+
+def record_line(rec: dict) -> str:
+    """Any record as the archive writes it: compact JSON and a newline."""
+    return _encode(rec) + "\n"
+
+
+_GRAPH_LAUNCH_ID = probes.BY_SYMBOL["cuGraphLaunch"].func_id

@@ -244,6 +244,18 @@ static __always_inline u64 read_u64(u64 addr)
     return v;
 }
 
+/* The entry's stash for this return on this thread (NULL: the entry was not traced). `k` is its key, for the
+ * caller to delete the stash once it has read it. */
+static __always_inline struct inflight_val *stash_of(u16 func, u32 *pid, u32 *tid, struct inflight_key *k)
+{
+    if (current_ids(pid, tid))
+        return 0;
+    k->tid = *tid;
+    k->func = func;
+    k->_pad0 = 0;
+    return inflight.lookup(k);
+}
+
 /* ---- launches (entry only unless LAUNCH_RETURN) ------------------------------------------------ */
 
 static __always_inline void launch_fill(struct oc_launch *e, u32 pid, u32 tid, u16 func, u64 ts, u64 handle,
@@ -300,10 +312,8 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
 {
 #if LAUNCH_RETURN
     u32 pid, tid;
-    if (current_ids(&pid, &tid))
-        return 0;
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val *v = inflight.lookup(&k);
+    struct inflight_key k;
+    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
     if (!v)
         return 0;
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
@@ -401,10 +411,8 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
                                        u32 mem_type)
 {
     u32 pid, tid;
-    if (current_ids(&pid, &tid))
-        return 0;
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val *v = inflight.lookup(&k);
+    struct inflight_key k;
+    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
     if (!v)
         return 0;
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
@@ -535,10 +543,8 @@ CALL(cuCtxCreate_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_OUT_HANDLE, -1, 1
 static __always_inline int name_return(struct pt_regs *ctx, u16 func)
 {
     u32 pid, tid;
-    if (current_ids(&pid, &tid))
-        return 0;
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val *v = inflight.lookup(&k);
+    struct inflight_key k;
+    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
     if (!v)
         return 0;
     int zero = 0;

@@ -116,3 +116,23 @@ def test_runtime_layer_counts_each_call_once(probes):
     assert stats["cudaLaunchKernel"] == launches_via_runtime
     assert stats.get("cuLaunchKernel", 0) == truth["calls"]["cuLaunchKernel"] - launches_via_runtime
     assert sum(stats.values()) == sum(truth["calls"].values())  # runtime + non-nested driver = one count per call
+
+
+def test_launch_return_probes_add_duration_and_result(testbed, tmp_path):
+    """--launch-return: launches are probed at return too (a program of its own; the default is entry only)."""
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    lr_probes = Probes(BpfConfig(launch_return=True))
+    try:
+        sidecar = RunningSidecar(lr_probes, match=r"--tag capture-lr", launch_return=True)
+        truth = run_workload("--tag", "capture-lr", "--threads", "1", "--steps", "4", "--launches", "3",
+                             "--start-delay-ms", "1500")
+        time.sleep(0.3)
+        sidecar.stop()
+        assert captured(sidecar.pipeline, truth["pid"]) == {f: n for f, n in truth["calls"].items() if n}
+        stats = {BY_ID[f].symbol: agg for (pid, f), agg in lr_probes.stats().items() if pid == truth["pid"]}
+        launches = stats["cuLaunchKernel"]
+        assert launches["calls"] == truth["calls"]["cuLaunchKernel"] and launches["total_ns"] > 0
+        assert sum(launches["hist"]) == launches["calls"], "every launch has a duration"
+    finally:
+        lr_probes.close()

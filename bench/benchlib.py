@@ -510,11 +510,18 @@ class InProcessSidecar:
         return self.records()
 
 
-def load_probes(ringbuf_pages: int | None = None):
-    from otel_cuda.bpf import BpfConfig, Probes
+def bpf_config(module, ringbuf_pages: int | None = None):
+    """Our default BpfConfig; BENCH_NO_SYSTEM_VIEW=1 leaves the system view's tracepoints out (to bisect costs)."""
+    kw = {} if ringbuf_pages is None else {"ringbuf_pages": ringbuf_pages}
+    if os.environ.get("BENCH_NO_SYSTEM_VIEW"):
+        kw["extra_sources"] = ()
+    return module.BpfConfig(**kw)
 
-    config = BpfConfig() if ringbuf_pages is None else BpfConfig(ringbuf_pages=ringbuf_pages)
-    return Probes(config)
+
+def load_probes(ringbuf_pages: int | None = None):
+    from otel_cuda import bpf
+
+    return bpf.Probes(bpf_config(bpf, ringbuf_pages))
 
 
 def probe(symbol: str):
@@ -584,7 +591,7 @@ def load_proposed_probes(ringbuf_pages: int | None = None):
             more, self._batch = self._batch, []
             return batch + more if batch else more
 
-    config = bpf_mod.BpfConfig() if ringbuf_pages is None else bpf_mod.BpfConfig(ringbuf_pages=ringbuf_pages)
+    config = bpf_config(bpf_mod, ringbuf_pages)
     original = bpf_mod.program_text
     bpf_mod.program_text = lambda c: proposed_program_text(original(c))
     try:

@@ -172,47 +172,36 @@ class Resources:
 class SelfMetrics:
     """otel_cuda.* counters of the sidecar itself (service.name=otel-cuda): nothing is dropped silently."""
 
-    def __init__(self, meter, read: Callable[[], dict[str, dict[str, int]]]):
+    # (instrument, group of self_counts() it reads, unit, description); each group is {outcome: count}
+    BY_OUTCOME = (
+        ("otel_cuda.events", "events", "{event}", "Events by outcome: processed, lost_ringbuf, dropped_queue, decode_error"),
+        ("otel_cuda.archive.records", "archive", "{record}", "Archive records by outcome: written, dropped_<reason>"),
+        ("otel_cuda.archive.uploads", "archive_uploads", "{file}", "Archive files uploaded to S3 and failed upload attempts"),
+        ("otel_cuda.join.requests", "join", "{request}", "Request spans joined, by outcome"),
+        ("otel_cuda.receiver.spans", "receiver", "{span}", "Spans received and forwarded, by outcome"),
+    )
+
+    def __init__(self, meter, read: Callable[[], dict]):
         self._read = read
-        meter.create_observable_counter("otel_cuda.events", [self._events], unit="{event}",
-                                        description="Events by outcome: processed, lost_ringbuf, dropped_queue, decode_error")
-        meter.create_observable_counter("otel_cuda.archive.records", [self._archive], unit="{record}",
-                                        description="Archive records by outcome: written, dropped_quota, dropped_retention")
-        meter.create_observable_counter("otel_cuda.join.requests", [self._join], unit="{request}",
-                                        description="Request spans joined, by outcome")
-        meter.create_observable_counter("otel_cuda.receiver.spans", [self._receiver], unit="{span}",
-                                        description="Spans received and forwarded, by outcome")
-        meter.create_observable_counter("otel_cuda.steps.evicted", [self._evicted], unit="{step}",
+        for name, group, unit, description in self.BY_OUTCOME:
+            meter.create_observable_counter(name, [self._by_outcome(group)], unit=unit, description=description)
+        meter.create_observable_counter("otel_cuda.steps.evicted", [self._single("steps_evicted")], unit="{step}",
                                         description="Buffered steps evicted before a request could claim them")
-        meter.create_observable_counter("otel_cuda.archive.uploads", [self._uploads], unit="{file}",
-                                        description="Archive files uploaded to S3 and failed upload attempts")
-        meter.create_observable_gauge("otel_cuda.archive.pending", [self._pending], unit="By",
+        meter.create_observable_gauge("otel_cuda.archive.pending", [self._single("archive_pending_bytes")], unit="By",
                                       description="Archive bytes on local disk waiting for upload")
 
-    def _series(self, group: str, key: str = "outcome") -> Iterable[Observation]:
-        for outcome, n in self._read().get(group, {}).items():
-            yield Observation(n, {key: outcome})
+    def _by_outcome(self, group: str):
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            for outcome, n in self._read().get(group, {}).items():
+                yield Observation(n, {"outcome": outcome})
 
-    def _events(self, _o: CallbackOptions):
-        return self._series("events")
+        return observe
 
-    def _archive(self, _o: CallbackOptions):
-        return self._series("archive")
+    def _single(self, key: str):
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(self._read().get(key, 0))
 
-    def _join(self, _o: CallbackOptions):
-        return self._series("join")
-
-    def _receiver(self, _o: CallbackOptions):
-        return self._series("receiver")
-
-    def _uploads(self, _o: CallbackOptions):
-        return self._series("archive_uploads")
-
-    def _pending(self, _o: CallbackOptions):
-        yield Observation(self._read().get("archive_pending_bytes", 0))
-
-    def _evicted(self, _o: CallbackOptions):
-        yield Observation(self._read().get("steps_evicted", 0))
+        return observe
 
 
 class Telemetry:

@@ -5,9 +5,11 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
+
+from support.http_json import JsonHandler
 
 from otel_cuda import cli
 from otel_cuda.loadgen import LoadConfig, new_traceparent, percentile, read_prompts, run_load, summarize
@@ -26,19 +28,7 @@ class FakeOpenAI:
         self.in_flight = self.max_in_flight = 0
         fake = self
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def _json(self, status, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class H(JsonHandler):
 
             def do_GET(self):
                 if self.path == "/v1/models":

@@ -7,9 +7,11 @@ import gzip
 import json
 import secrets
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
+
+from support.http_json import JsonHandler
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -98,37 +100,28 @@ class FakeJaeger:
         self.base64_ids = False
         fake = self
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, status, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        class H(JsonHandler):
+            protocol_version = "HTTP/1.0"  # one request a connection, as this fake always answered
 
             def do_GET(self):
                 fake.hits += 1
                 if fake.api == "v3":
                     if self.path == "/api/v3/services":
-                        return self._send(200, {"services": ["vllm"]})
+                        return self._json(200, {"services": ["vllm"]})
                     if self.path.startswith("/api/v3/traces/"):
                         spans = fake.traces.get(self.path.rsplit("/", 1)[-1])
                         if spans:
-                            return self._send(200, jaeger_v3(spans, base64_ids=fake.base64_ids))
-                        return self._send(404, {"error": {"httpCode": 404, "message": "trace not found"}})
+                            return self._json(200, jaeger_v3(spans, base64_ids=fake.base64_ids))
+                        return self._json(404, {"error": {"httpCode": 404, "message": "trace not found"}})
                 else:
                     if self.path == "/api/services":
-                        return self._send(200, {"data": ["vllm"], "total": 1})
+                        return self._json(200, {"data": ["vllm"], "total": 1})
                     if self.path.startswith("/api/traces/"):
                         spans = fake.traces.get(self.path.rsplit("/", 1)[-1])
                         if spans:
-                            return self._send(200, jaeger_v1(spans))
-                        return self._send(404, {"data": None, "errors": [{"code": 404, "msg": "trace not found"}]})
-                self._send(404, {"error": "no route"})
+                            return self._json(200, jaeger_v1(spans))
+                        return self._json(404, {"data": None, "errors": [{"code": 404, "msg": "trace not found"}]})
+                self._json(404, {"error": "no route"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.server.daemon_threads = True

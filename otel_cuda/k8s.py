@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,12 +230,18 @@ class PodResolver:
     def close(self) -> None:
         """Stop the watch; idempotent, returns within about a second."""
         self._stop.set()
-        w = self._watch
-        if w is not None:
-            w.stop()  # shuts the socket down, so a blocked read returns now
         t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=2.0)
+        if t is None or t is threading.current_thread():
+            return
+        # Watch.stop() shuts the response's socket down so a blocked read returns now — but only once the response
+        # exists; a watch whose request is in flight would block until the server writes. So stop it again until
+        # the thread ends.
+        deadline = time.monotonic() + 2.0
+        while t.is_alive() and time.monotonic() < deadline:
+            w = self._watch
+            if w is not None:
+                w.stop()
+            t.join(timeout=0.05)
 
     def lookup(self, pid: int) -> Lookup:
         """Attributes, selection and the reason for anything missing, for one pid. Never raises."""

@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 BUILD = ROOT / "testbed" / "build"
 DRIVER = BUILD / "bench_driver"
 LIBCUDA = BUILD / "libcuda.so.1"
+# BENCH_LIBCUDA=PATH (bench/cpu and bench/ingest --libcuda): copies of this library instead of the fake, called
+# uninitialised (bench_driver --no-init): the real driver's entry points on the GPU machine's kernel, no GPU work.
+REAL_LIBCUDA_ENV = "BENCH_LIBCUDA"
 SYMBOL = {"launch": "cuLaunchKernel", "sync": "cuStreamSynchronize", "htod": "cuMemcpyHtoD_v2"}
 
 
@@ -37,6 +40,8 @@ def log(msg: str) -> None:
 
 
 def build_testbed() -> None:
+    if shutil.which("make") is None and DRIVER.exists():
+        return  # built elsewhere and carried along (the GPU machine has no compiler)
     subprocess.run(["make", "-s", "-C", str(ROOT / "testbed")], check=True)
 
 
@@ -82,12 +87,13 @@ class Driver:
         shutil.copy2(DRIVER, self.dir)
         self.variants = list(variants)
         self.libs: dict[str, str] = {}
+        real = os.environ.get(REAL_LIBCUDA_ENV)
         for v in self.variants:
             os.makedirs(os.path.join(self.dir, v))
             self.libs[v] = os.path.join(self.dir, v, LIBCUDA.name)
-            shutil.copy2(LIBCUDA, self.libs[v])
+            shutil.copy2(real or LIBCUDA, self.libs[v])
         full_env = {**os.environ, "FAKE_CUDA_SYNC_US": "0", **(env or {})}
-        cmd = [os.path.join(self.dir, DRIVER.name), "--serve"]
+        cmd = [os.path.join(self.dir, DRIVER.name), "--serve"] + (["--no-init"] if real else [])
         for v in self.variants:
             cmd += ["--lib", self.libs[v]]
         if cpus:

@@ -85,14 +85,17 @@ class Tracer:
                 "missing": self.missing, "t": time.monotonic()}
 
     def settle(self, quiet_s: float = 0.3, timeout: float = 30.0) -> None:
+        """Return once the CUDA calls processed have not changed for quiet_s and the archive has no backlog.
+        Only CUDA calls: a traced PyTorch process never goes quiet in the system view (its idle threads' off-CPU
+        waits), and waiting for that cost the first GPU runs a 30 s timeout per settle."""
         deadline = time.monotonic() + timeout
         p = self.sc.pipeline
         last, since = None, time.monotonic()
         while time.monotonic() < deadline:
-            now = (self.sc.records(), p.events_to_archive.qsize(), p.totals.archived)
+            now = sum(p.totals.calls.values())
             if now != last:
                 last, since = now, time.monotonic()
-            elif now[1] == 0 and time.monotonic() - since >= quiet_s:
+            elif p.events_to_archive.qsize() == 0 and time.monotonic() - since >= quiet_s:
                 return
             time.sleep(0.01)
 

@@ -50,16 +50,19 @@ static __always_inline u64 ring_wake_flags(void)
     return (*n & (RINGBUF_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
 }
 
-/* Processes to trace (key: tgid as the sidecar sees it). Uprobes fire for every process that maps the
- * probed inode, so this filter is what keeps other GPU processes on the node out. */
-BPF_HASH(targets, u32, u8, 16384);
+/* Processes to trace (key: tgid as the sidecar sees it), with their entry-only launch counts. Uprobes fire for
+ * every process that maps the probed inode, so this filter is what keeps other GPU processes on the node out.
+ * Per-CPU so a launch counts without an atomic; not preallocated, since per-CPU maps preallocate
+ * max_entries x CPUs values (a 128-CPU node would pin megabytes per map for processes it never sees). */
+BPF_F_TABLE("percpu_hash", u32, struct oc_target, targets, 16384, BPF_F_NO_PREALLOC);
 
 /* Events the ring buffer refused, per CPU (summed by user space). */
 BPF_PERCPU_ARRAY(lost, u64, 1);
 
 /* Per (pid, function) aggregates: complete even when the ring buffer overflows. Per-CPU so the hot path
- * takes no atomic. */
-BPF_PERCPU_HASH(stats, struct oc_stat_key, struct oc_stat, 16384);
+ * takes no atomic; allocated on a function's first call (288 bytes x CPUs each: preallocating 16384 of them
+ * would pin 600 MB on a 128-CPU node). Entry-only launches are counted in `targets` instead. */
+BPF_F_TABLE("percpu_hash", struct oc_stat_key, struct oc_stat, stats, 16384, BPF_F_NO_PREALLOC);
 
 /* Live allocation bytes per (pid, memory type); signed per-CPU deltas whose sum is the live total. */
 BPF_PERCPU_HASH(live, struct oc_live_key, s64, 4096);
@@ -119,11 +122,17 @@ static __always_inline int current_ids(u32 *pid, u32 *tid)
     return 0;
 }
 
-static __always_inline int traced(u32 *pid, u32 *tid)
+/* The calling process's entry in `targets` (this CPU's), NULL when it is not traced. */
+static __always_inline struct oc_target *target_of(u32 *pid, u32 *tid)
 {
     if (current_ids(pid, tid))
         return 0;
-    return targets.lookup(pid) != 0;
+    return targets.lookup(pid);
+}
+
+static __always_inline int traced(u32 *pid, u32 *tid)
+{
+    return target_of(pid, tid) != 0;
 }
 
 static __always_inline void count_lost(void)
@@ -279,7 +288,8 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
                                         u32 gz, u32 bx, u32 by, u32 bz, u32 shmem)
 {
     u32 pid, tid;
-    if (!traced(&pid, &tid))
+    struct oc_target *target = target_of(&pid, &tid);
+    if (!target)
         return 0;
     u64 ts = bpf_ktime_get_ns();
     u8 nested = nested_now(tid);
@@ -293,8 +303,9 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
     v.shared_mem = shmem;
     inflight.update(&k, &v);
 #else
-    if (!nested)
-        account(pid, func, 0, 0, 0, 0);
+    u32 slot = func - OC_FN_cuLaunchKernel; /* a constant: launch_entry is inlined per function */
+    if (!nested && slot < OC_LAUNCH_FUNCS)
+        target->launches[slot] += 1;
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
@@ -628,8 +639,8 @@ TRACEPOINT_PROBE(task, task_newtask)
 #ifndef PIDNS_INO
     /* Without a pid namespace of our own the tracepoint's pid is ours too: select the child before it runs. */
     child = args->pid;
-    u8 one = 1;
-    targets.update(&child, &one);
+    struct oc_target fresh = {};
+    targets.update(&child, &fresh);
     selected = 1;
 #endif
     proc_event(OC_PROC_FORK, pid, tid, child, selected);

@@ -7,6 +7,7 @@ Uprobes are per inode: a library is attached once however many processes map it 
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import logging
 import os
 import threading
@@ -59,6 +60,14 @@ def program_text(config: BpfConfig) -> str:
     return "\n".join(parts)
 
 
+_BPF_NOEXIST = 1
+
+
+def _sum_launches(per_cpu) -> list[int]:
+    """A `targets` value summed over CPUs: launches per slot (func - FIRST_LAUNCH_FUNC)."""
+    return [sum(v.launches[i] for v in per_cpu) for i in range(events.OC_LAUNCH_FUNCS)]
+
+
 class Probes:
     """A loaded BPF program: attach a library's probes, select processes, read the maps."""
 
@@ -72,6 +81,7 @@ class Probes:
         self._lock = threading.Lock()
         self._ring_open = False
         self._batch: list[bytes] = []
+        self._deselected_launches: dict[int, list[int]] = {}  # pid -> launch counts it had when deselected
 
     # -- attaching ------------------------------------------------------------------------------------
     def attach_library(self, identity: tuple[int, int], path: str, probes: tuple[Probe, ...]) -> list[str]:
@@ -135,13 +145,24 @@ class Probes:
 
     # -- process selection ------------------------------------------------------------------------------
     def select(self, pid: int) -> None:
-        self._bpf["targets"][ct.c_uint32(pid)] = ct.c_uint8(1)
+        from bcc.libbcc import lib  # noqa: PLC0415
+
+        # BPF_NOEXIST: a child the fork tracepoint selected in the kernel keeps the launches it made meanwhile.
+        table = self._bpf["targets"]
+        key, zeros = table.Key(pid), table.Leaf()
+        if lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(zeros), _BPF_NOEXIST) < 0:
+            err = ct.get_errno()
+            if err != errno.EEXIST:
+                raise OSError(err, f"cannot select pid {pid} for tracing: {os.strerror(err)}")
 
     def deselect(self, pid: int) -> None:
+        table = self._bpf["targets"]
         try:
-            del self._bpf["targets"][ct.c_uint32(pid)]
+            per_cpu = table[table.Key(pid)]
+            del table[table.Key(pid)]
         except KeyError:
-            pass
+            return
+        self._deselected_launches[pid] = _sum_launches(per_cpu)
 
     # -- ring buffer ------------------------------------------------------------------------------------
     def read_batch(self, timeout_ms: int) -> list[bytes]:
@@ -179,6 +200,14 @@ class Probes:
                 for i in range(events.OC_HIST_BUCKETS):
                     agg["hist"][i] += s.hist[i]
             out[(key.pid, key.func)] = agg
+        launches = dict(self._deselected_launches)
+        launches.update((key.value, _sum_launches(per_cpu)) for key, per_cpu in self._bpf["targets"].items())
+        for pid, counts in launches.items():
+            for slot, n in enumerate(counts):
+                if n:
+                    agg = out.setdefault((pid, events.FIRST_LAUNCH_FUNC + slot), {
+                        "calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS})
+                    agg["calls"] += n
         return out
 
     def live_bytes(self) -> dict[tuple[int, int], int]:
@@ -192,6 +221,7 @@ class Probes:
 
     def forget_process(self, pid: int) -> None:
         """Drop a gone process's per-process map entries so the maps do not fill over restarts."""
+        self._deselected_launches.pop(pid, None)
         for name in ("stats", "live", "allocs"):
             table = self._bpf[name]
             for key in [k for k in table.keys() if k.pid == pid]:

@@ -1,8 +1,8 @@
 /* bench_driver.c — the per-call micro-benchmark: calls of one fake driver function in a tight loop, timed with
  * CLOCK_MONOTONIC by the process itself.
  *
- *   bench_driver [--lib PATH]... --func launch|sync|htod [--n N] [--rate R] [--threads T]   one run, JSON lines
- *   bench_driver [--lib PATH]... --serve                                                   commands on stdin
+ *   bench_driver [--lib PATH]... [--no-init] --func launch|sync|htod [--n N] [--rate R] [--threads T]   one run, JSON lines
+ *   bench_driver [--lib PATH]... [--no-init] --serve                                                   commands on stdin
  *
  * Each --lib is a copy of the fake libcuda.so.1 (a file of its own: uprobes are per inode), dlopen'ed with its own
  * state; default: libcuda.so.1 next to this program. With several libraries a flat-out run interleaves them:
@@ -17,6 +17,9 @@
  *   name                          ask each library for the kernel's handle by name again (a tracer attached after
  *                                 start learns the name from this call; the fake returns the same handle)
  *   quit
+ * --no-init: look the functions up but initialise nothing, so each call returns CUDA_ERROR_NOT_INITIALIZED at once
+ * (a copy of the real libcuda: the probes' cost does not depend on what the function does, and one process cannot
+ * hold several initialised real drivers). `name` then answers false.
  * FUNC: launch = cuLaunchKernel (entry-only probe by default), sync = cuStreamSynchronize (run with
  * FAKE_CUDA_SYNC_US=0 so it returns at once), htod = cuMemcpyHtoD_v2 of 64 bytes (only validated).
  *
@@ -42,6 +45,7 @@ typedef unsigned long long u64;
 #define CHUNK 32
 #define MAX_LIBS 16
 
+static int g_init = 1;
 static const char g_image[] = "\x7f" "ELF fake cubin for the otel-cuda micro-benchmark";
 static const char g_kernel_name[] = "bench_empty_kernel(float*, int)";
 
@@ -129,6 +133,8 @@ static void open_lib(struct lib *l, const char *path)
     SYM(l, cuLaunchKernel);
     SYM(l, cuStreamSynchronize);
     SYM(l, cuMemcpyHtoD_v2);
+    if (!g_init)
+        return;
     CUdevice dev;
     OK(l, l->cuInit(0));
     OK(l, l->cuDeviceGet(&dev, 0));
@@ -352,6 +358,8 @@ int main(int argc, char **argv)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--serve")) {
             serve_mode = 1;
+        } else if (!strcmp(a, "--no-init")) {
+            g_init = 0;
         } else if (!strcmp(a, "--lib") && v) {
             if (npaths == MAX_LIBS)
                 die("--lib", "too many");
@@ -373,7 +381,7 @@ int main(int argc, char **argv)
             threads = atoi(v);
             i++;
         } else {
-            fprintf(stderr, "usage: bench_driver [--lib PATH]... [--serve] [--func launch|sync|htod] [--n N] "
+            fprintf(stderr, "usage: bench_driver [--lib PATH]... [--no-init] [--serve] [--func launch|sync|htod] [--n N] "
                             "[--rate R] [--threads T]\n");
             return 2;
         }

@@ -83,6 +83,9 @@ def parse_args(argv=None):
     ap.add_argument("--proposed", action="store_true", help="also run the proposed ring-buffer wakeup policy")
     ap.add_argument("--no-archive", action="store_true", help="the tracers run without the archive")
     ap.add_argument("--skip", default="", help="comma-separated: percall,eager,graph,count")
+    ap.add_argument("--deadline-s", type=float, default=0,
+                    help="start no pair that would end after this many seconds from the start (0: no limit); the "
+                         "pairs done are reported, so a run under a time limit still has results")
     ap.add_argument("--libcuda", help="the libcuda to load (default: libcuda.so.1 as the loader finds it)")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU: a tiny model on the CPU, the fake libcuda given by --libcuda (tests this script)")
@@ -129,6 +132,7 @@ class Run:
         self.res: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args), "errors": {},
                           "machine": bl.machine()}
         self.tracers: dict[str, bl.Tracer] = {}
+        self.t0 = time.monotonic()
         self.active: str | None = None
         self.tmp = tempfile.mkdtemp(prefix="otel-cuda-gpu-bench-")
         self.skip = set(filter(None, args.skip.split(",")))
@@ -418,8 +422,8 @@ class Run:
             for i, lw in enumerate(layers):
                 h = rms(x, lw["n1"])
                 q, k, v = (h @ lw["qkv"]).view(B, 3, nh, 1, hd).unbind(1)
-                kc[i].index_copy_(2, pos, k)
-                vc[i].index_copy_(2, pos, v)
+                kc[i].index_copy_(2, pos, k.contiguous())
+                vc[i].index_copy_(2, pos, v.contiguous())
                 att = F.scaled_dot_product_attention(q, kc[i], vc[i], attn_mask=mask)
                 x = x + att.reshape(B, H) @ lw["o"]
                 h = rms(x, lw["n2"])
@@ -434,6 +438,8 @@ class Run:
         torch = self.torch
         step, ids = self.make_step()
         self.graph_ids = ids
+        step()  # once eagerly, synchronised: an error in the step shows here with its own traceback
+        self.sync()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -458,27 +464,35 @@ class Run:
         self.graph_replays += steps
         return steps * ids.shape[0] / dt
 
-    def pairs(self, name: str, phase, warm) -> None:
-        """Alternating phases in this process; tokens/s each; the median of per-pair ratios."""
+    def pairs(self, name: str, phase) -> None:
+        """Alternating phases in this process; tokens/s each; the median of per-pair ratios. After every switch
+        (the tracer attaching or detaching) one whole phase runs unmeasured: the first phase after a switch ran at
+        a fraction of the speed of the next ones in the first GPU runs, traced or not (its tokens/s are kept as
+        `first_tokens_per_s`)."""
         modes = [None] + [m for m in ("ours", "proposed") if m in self.tracers]
         rows = []
+        t_start = time.monotonic()
         for i in range(self.args.pairs):
+            if rows and self.out_of_time((time.monotonic() - t_start) / len(rows)):
+                bl.log(f"{name}: {len(rows)} pairs, no time for more (--deadline-s)")
+                break
             k = i % len(modes)
             order = modes[k:] + modes[:k]
             row = {}
             for m in order:
                 self.only(m)
-                warm()
+                first = phase()
                 before = self.tracers[m].settle() if m else None
                 t0 = time.monotonic()
                 tps = phase()
                 wall = time.monotonic() - t0
-                row[m or "untraced"] = {"tokens_per_s": tps, "phase_s": wall}
+                row[m or "untraced"] = {"tokens_per_s": tps, "phase_s": wall, "first_tokens_per_s": first}
                 if m:
                     after = self.tracers[m].settle()
                     row[m].update(self.capture(before, after, wall))
             rows.append(row)
-            bl.log(f"{name} pair {i + 1}: " + ", ".join(f"{m} {v['tokens_per_s']:.0f} tok/s" for m, v in row.items()))
+            bl.log(f"{name} pair {i + 1}: " + ", ".join(
+                f"{m} {v['tokens_per_s']:.0f} tok/s (first {v['first_tokens_per_s']:.0f})" for m, v in row.items()))
         self.only(None)
         out = {"pairs": rows, "modes": [m or "untraced" for m in modes]}
         for m in modes[1:]:
@@ -504,6 +518,11 @@ class Run:
         return {"launches": sum(calls.get(s, 0) for s in LAUNCH_SYMBOLS), "graph_launches": calls.get("cuGraphLaunch", 0),
                 "calls": calls, "named": d("named"), "unknown": d("unknown"), "lost": d("lost") + d("dropped"),
                 "sidecar_cpu_s": d("cpu_s"), "wall_s": wall if wall else after["t"] - before["t"]}
+
+    def out_of_time(self, next_s: float) -> bool:
+        """Would a step of `next_s` seconds end after --deadline-s?"""
+        d = self.args.deadline_s
+        return bool(d) and time.monotonic() - self.t0 + next_s > d
 
     # -- 4. counts against an independent count ------------------------------------------------------------------
     def count_eager(self) -> None:
@@ -563,9 +582,6 @@ class Run:
             if "eager" not in self.skip or "count" not in self.skip:
                 self.build_eager()
                 self.eager_phase(8)
-            if not a.dry_run and ("graph" not in self.skip or "count" not in self.skip):
-                self.build_graph()
-                self.graph_phase(20)
             self.setup_driver_calls()
             self.sync()
             for t in self.tracers.values():
@@ -578,17 +594,28 @@ class Run:
         if "percall" not in self.skip and traced:
             with self.step("per-call cost"):
                 self.percall()
+        # The CUDA-graph part comes last and is built only now: a device-side error in it (the first attempt
+        # had one) poisons the CUDA context, and must not cost the eager figures.
         if "eager" not in self.skip:
             with self.step("eager decode pairs"):
-                self.pairs("eager", self.eager_phase, lambda: self.eager_phase(4))
-        if "graph" not in self.skip and not a.dry_run:
-            with self.step("CUDA-graph decode pairs"):
-                self.pairs("graph", self.graph_phase, lambda: self.graph_phase(20))
+                self.pairs("eager", self.eager_phase)
         if "count" not in self.skip and traced:
-            with self.step("launch counts"):
-                if not a.dry_run:
-                    self.count_graph()
+            with self.step("launch counts: eager"):
                 self.count_eager()
+        if a.dry_run or ("graph" in self.skip and "count" in self.skip):
+            return
+        with self.step("CUDA graph: build"):
+            self.only(None)
+            self.build_graph()
+            self.graph_phase(20)
+        if "CUDA graph: build" in self.res["errors"]:
+            return
+        if "graph" not in self.skip:
+            with self.step("CUDA-graph decode pairs"):
+                self.pairs("graph", self.graph_phase)
+        if "count" not in self.skip and traced:
+            with self.step("launch counts: graph"):
+                self.count_graph()
 
     def close(self) -> None:
         for n, t in self.tracers.items():

@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one go (bench/gpu/decode_bench.py): per-call cost next to the floor, eager and
-# CUDA-graph decode traced/untraced inside one process, captured launches against an independent count, the share
-# of named launches. Full results in $OUT/gpu_results.json (or bench/gpu/out/); the short table is printed last.
+# The whole GPU measurement in one go:
+#   1. per-call cost next to the floors on this machine's kernel: bench/cpu on copies of the real libcuda, called
+#      uninitialised (the probes' cost does not depend on what the function does), variants interleaved;
+#   2. eager and CUDA-graph decode traced/untraced inside one process, captured launches against an independent
+#      count, the share of named launches (bench/gpu/decode_bench.py);
+#   3. ingest capacity with the real libcuda's entry point as the producer (bench/ingest).
+# Results: $OUT (or bench/gpu/out/): cpu.json, gpu_results.json, ingest.json and a log each; tables printed last.
 #
-# On the GPU machine, from the repository root (prepare .gpu/ here first: bash ../shared/gpu/prepare-device.sh):
-#   source .gpu/activate.sh; bash bench/gpu/run.sh [--proposed] [--pairs 7] [...decode_bench.py options]
+# On the GPU machine, from the repository root (prepare .gpu/ here first: bash ../shared/gpu/prepare-device.sh and
+# bash bench/gpu/prepare.sh; build testbed/ here and carry testbed/build, the GPU machine has no compiler):
+#   source .gpu/activate.sh; bash bench/gpu/run.sh [--budget-s 540] [...decode_bench.py options]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$root"
+cd "$root" || exit 2
 py=${PYTHON:-python3}
+budget=540  # seconds for the three parts together (the device tool allows 600 a command)
+parts=percall,decode,ingest
+while [ $# -gt 0 ]; do
+    case $1 in
+        --budget-s) budget=$2; shift 2 ;;
+        --parts) parts=$2; shift 2 ;;  # a subset, e.g. decode,ingest
+        *) break ;;
+    esac
+done
+want() { [[ ",$parts," == *",$1,"* ]]; }
 # pure-Python packages brought along by bench/gpu/prepare.sh (OpenTelemetry SDK & co.), when there
 [ -d "$root/.gpu/py" ] && export PYTHONPATH="$root/.gpu/py${PYTHONPATH:+:$PYTHONPATH}"
 echo "== $(date -Is) $(uname -srm), $(nproc) CPUs; python: $($py -c 'import sys; print(sys.version.split()[0])')"
@@ -28,4 +43,33 @@ except ImportError as exc:
 PY
 out=${OUT:-$root/bench/gpu/out}
 mkdir -p "$out"
-exec "$py" "$root/bench/gpu/decode_bench.py" --out "$out" "$@"
+start=$SECONDS
+left() { echo $((budget - (SECONDS - start))); }
+libcuda=${LIBCUDA:-}  # default: the libcuda.so.1 the loader finds
+[ -n "$libcuda" ] || libcuda=$($py -c 'import ctypes, re
+ctypes.CDLL("libcuda.so.1")
+print(next(l.split()[-1] for l in open("/proc/self/maps") if re.search(r"/libcuda\.so[.0-9]*$", l)))')
+echo "libcuda: $libcuda"
+export PYTHON=$py
+
+if want percall; then
+    echo "== 1. per-call cost (bench/cpu on copies of $libcuda)"
+    timeout 100 "$py" bench/percall.py --no-ingest --no-seed --rounds 7 --libcuda "$libcuda" --out "$out/cpu.json" \
+        >"$out/cpu.log" 2>&1 || echo "per-call suite: exit $?"
+fi
+if want decode; then
+    reserve=0; want ingest && reserve=90  # seconds kept for the ingest part
+    echo "== 2. decode pairs ($(left) s left)"
+    "$py" bench/gpu/decode_bench.py --out "$out" --libcuda "$libcuda" --skip percall \
+        --deadline-s $(($(left) - reserve - 15)) "$@" >"$out/gpu.log" 2>&1 || echo "decode bench: exit $?"
+fi
+if want ingest; then
+    echo "== 3. ingest ($(left) s left)"
+    timeout "$(($(left) > 30 ? $(left) - 5 : 25))" "$py" bench/ingest.py --no-seed --contended-calls 0 --seconds 2 \
+        --keep-going --rates 100000,200000,300000,0 --libcuda "$libcuda" --out "$out/ingest.json" \
+        >"$out/ingest.log" 2>&1 || echo "ingest suite: exit $?"
+fi
+echo; echo "== tables"
+for part in cpu:14 gpu:16 ingest:30; do
+    f="$out/${part%%:*}.log"; [ -f "$f" ] && { tail -n "${part##*:}" "$f"; echo; }
+done

@@ -5,7 +5,6 @@
  *   RINGBUF_PAGES   ring buffer size in pages (power of two)
  *   LAUNCH_RETURN   1 = probe launch returns too (duration + CUresult); default entry only
  *   PIDNS_DEV/INO   the sidecar's pid namespace, so pids match what it sees in /proc
- *   MAX_INFLIGHT    entries in the entry->return stash
  *   MAX_ALLOCS      live allocations tracked for free sizes
  * Events and aggregates are laid out in otel_cuda.h (the contract).
  */
@@ -18,9 +17,6 @@
 #endif
 #ifndef LAUNCH_RETURN
 #define LAUNCH_RETURN 0
-#endif
-#ifndef MAX_INFLIGHT
-#define MAX_INFLIGHT 16384
 #endif
 #ifndef MAX_ALLOCS
 #define MAX_ALLOCS 262144
@@ -80,23 +76,25 @@ struct alloc_val {
 /* ptr -> size, so a free knows how much it releases. */
 BPF_HASH(allocs, struct alloc_key, struct alloc_val, MAX_ALLOCS);
 
-struct inflight_key {
-    u32 tid;
-    u16 func;
-    u16 _pad0;
-};
-struct inflight_val {
+/* Entry -> return stash: what an entry saw, for its return. Thread-local storage, a few slots a thread (a runtime
+ * call and the driver call under it are both in flight on one thread), found by function: a hash map keyed by
+ * (thread, function) cost an update, a lookup and a delete per call (~45 % of a timed call's handlers), and kept
+ * the entries of threads that died inside a call. */
+#define STASH_SLOTS 4
+struct stash_slot {
     u64 ts_ns;
     u64 args[OC_ARGS];
-    u32 grid[3];  /* launches with LAUNCH_RETURN only */
+    u32 grid[3]; /* launches with LAUNCH_RETURN only */
     u32 block[3];
     u32 shared_mem;
+    u16 func; /* 0: free */
     u8 nested;
-    u8 _pad0[3];
+    u8 _pad0;
 };
-/* Entry -> return stash, keyed by thread and function (a runtime call and the driver call under it
- * are both in flight on one thread). */
-BPF_HASH(inflight, struct inflight_key, struct inflight_val, MAX_INFLIGHT);
+struct thread_stash {
+    struct stash_slot slot[STASH_SLOTS];
+};
+BPF_TASK_STORAGE(stashes, struct thread_stash);
 
 /* Threads inside a probed runtime (libcudart) call: driver calls under them are marked nested. */
 BPF_HASH(in_runtime, u32, u32, 16384);
@@ -253,16 +251,51 @@ static __always_inline u64 read_u64(u64 addr)
     return v;
 }
 
-/* The entry's stash for this return on this thread (NULL: the entry was not traced). `k` is its key, for the
- * caller to delete the stash once it has read it. */
-static __always_inline struct inflight_val *stash_of(u16 func, u32 *pid, u32 *tid, struct inflight_key *k)
+/* A slot of this thread's stash for an entry of `func` to fill: a free one (or one `func` left, whose return never
+ * came), else the oldest, whose return is then lost and counted so. NULL only if the storage cannot be had. */
+static __always_inline struct stash_slot *stash_put(u16 func)
+{
+    struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                                      BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!t)
+        return 0;
+    int pick = -1, oldest = 0;
+    u64 oldest_ts = ~0ULL;
+#pragma unroll
+    for (int i = 0; i < STASH_SLOTS; i++) {
+        u16 f = t->slot[i].func;
+        if (pick < 0 && (f == 0 || f == func))
+            pick = i;
+        if (t->slot[i].ts_ns < oldest_ts) {
+            oldest_ts = t->slot[i].ts_ns;
+            oldest = i;
+        }
+    }
+    if (pick < 0) {
+        count_lost();
+        pick = oldest;
+    }
+    if (pick < 0 || pick >= STASH_SLOTS)
+        return 0;
+    struct stash_slot *v = &t->slot[pick];
+    v->func = func;
+    return v;
+}
+
+/* The entry's stash for this return on this thread (NULL: the entry was not traced). The caller frees it
+ * (func = 0) once it has read it. */
+static __always_inline struct stash_slot *stash_of(u16 func, u32 *pid, u32 *tid)
 {
     if (current_ids(pid, tid))
         return 0;
-    k->tid = *tid;
-    k->func = func;
-    k->_pad0 = 0;
-    return inflight.lookup(k);
+    struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+    if (!t)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < STASH_SLOTS; i++)
+        if (t->slot[i].func == func)
+            return &t->slot[i];
+    return 0;
 }
 
 /* ---- launches (entry only unless LAUNCH_RETURN) ------------------------------------------------ */
@@ -294,14 +327,16 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
     u64 ts = bpf_ktime_get_ns();
     u8 nested = nested_now(tid);
 #if LAUNCH_RETURN
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val v = {.ts_ns = ts, .nested = nested};
-    v.args[0] = handle;
-    v.args[1] = stream;
-    v.grid[0] = gx; v.grid[1] = gy; v.grid[2] = gz;
-    v.block[0] = bx; v.block[1] = by; v.block[2] = bz;
-    v.shared_mem = shmem;
-    inflight.update(&k, &v);
+    struct stash_slot *v = stash_put(func);
+    if (!v)
+        return 0;
+    v->ts_ns = ts;
+    v->nested = nested;
+    v->args[0] = handle;
+    v->args[1] = stream;
+    v->grid[0] = gx; v->grid[1] = gy; v->grid[2] = gz;
+    v->block[0] = bx; v->block[1] = by; v->block[2] = bz;
+    v->shared_mem = shmem;
 #else
     u32 slot = func - OC_FN_cuLaunchKernel; /* a constant: launch_entry is inlined per function */
     if (!nested && slot < OC_LAUNCH_FUNCS)
@@ -323,8 +358,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
 {
 #if LAUNCH_RETURN
     u32 pid, tid;
-    struct inflight_key k;
-    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
+    struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
@@ -334,7 +368,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
-        inflight.delete(&k);
+        v->func = 0;
         return 0;
     }
     launch_fill(e, pid, tid, func, v->ts_ns, v->args[0], v->args[1], v->grid[0], v->grid[1], v->grid[2],
@@ -343,7 +377,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     e->dur_ns = dur;
     e->result = result;
     events.ringbuf_submit(e, ring_wake_flags());
-    inflight.delete(&k);
+    v->func = 0;
 #endif
     return 0;
 }
@@ -404,15 +438,17 @@ static __always_inline int call_entry(struct pt_regs *ctx, u16 func, u64 a0, u64
     u32 pid, tid;
     if (!traced(&pid, &tid))
         return 0;
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val v = {.ts_ns = bpf_ktime_get_ns(), .nested = nested_now(tid)};
-    v.args[0] = a0;
-    v.args[1] = a1;
-    v.args[2] = a2;
-    v.args[3] = a3;
-    v.args[4] = a4;
-    v.args[5] = a5;
-    inflight.update(&k, &v);
+    struct stash_slot *v = stash_put(func);
+    if (!v)
+        return 0;
+    v->ts_ns = bpf_ktime_get_ns();
+    v->nested = nested_now(tid);
+    v->args[0] = a0;
+    v->args[1] = a1;
+    v->args[2] = a2;
+    v->args[3] = a3;
+    v->args[4] = a4;
+    v->args[5] = a5;
     return 0;
 }
 
@@ -422,8 +458,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
                                        u32 mem_type)
 {
     u32 pid, tid;
-    struct inflight_key k;
-    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
+    struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
@@ -434,7 +469,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
         args[i] = v->args[i];
     u64 ts = v->ts_ns;
     u8 nested = v->nested;
-    inflight.delete(&k);
+    v->func = 0;
 
     u64 bytes = 0;
     if (bytes_arg >= 0 && bytes_arg < OC_ARGS)
@@ -554,14 +589,13 @@ CALL(cuCtxCreate_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_OUT_HANDLE, -1, 1
 static __always_inline int name_return(struct pt_regs *ctx, u16 func)
 {
     u32 pid, tid;
-    struct inflight_key k;
-    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
+    struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
     int zero = 0;
     struct oc_name *e = name_scratch.lookup(&zero);
     if (!e) {
-        inflight.delete(&k);
+        v->func = 0;
         return 0;
     }
     s32 result = (s32)PT_REGS_RC(ctx);
@@ -578,7 +612,7 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
         e->h.flags |= OC_F_TRUNCATED;
     if (!v->nested)
         account(pid, func, e->dur_ns, 1, result, 0);
-    inflight.delete(&k);
+    v->func = 0;
     if (events.ringbuf_output(e, sizeof(*e), ring_wake_flags()))
         count_lost();
     return 0;
@@ -657,13 +691,17 @@ static __always_inline int runtime_entry(struct pt_regs *ctx, u16 func, u64 a0, 
         return 0;
     u32 f = func;
     in_runtime.update(&tid, &f);
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val v = {.ts_ns = bpf_ktime_get_ns()};
-    v.args[0] = a0;
-    v.args[1] = a1;
-    v.args[2] = a2;
-    v.args[3] = a3;
-    inflight.update(&k, &v);
+    struct stash_slot *v = stash_put(func);
+    if (!v)
+        return 0;
+    v->ts_ns = bpf_ktime_get_ns();
+    v->nested = 0;
+    v->args[0] = a0;
+    v->args[1] = a1;
+    v->args[2] = a2;
+    v->args[3] = a3;
+    v->args[4] = 0;
+    v->args[5] = 0;
     return 0;
 }
 

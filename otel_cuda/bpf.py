@@ -27,7 +27,6 @@ PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial pid namespace's inode number (incl
 class BpfConfig:
     ringbuf_pages: int = 1024  # 4 MiB: ~45 000 call records, over a second of eager PyTorch at full rate
     launch_return: bool = False
-    max_inflight: int = 16384
     max_allocs: int = 262144
     # the kernel wakes the consumer once per this many records a CPU submits (a power of two); below it the
     # consumer reads on its poll timeout (read_batch)
@@ -42,7 +41,6 @@ class BpfConfig:
             f"-I{BPF_DIR}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             f"-DLAUNCH_RETURN={int(self.launch_return)}",
-            f"-DMAX_INFLIGHT={self.max_inflight}",
             f"-DMAX_ALLOCS={self.max_allocs}",
             f"-DRINGBUF_WAKE_EVERY={self.ringbuf_wake_every}",
             f"-DRUNTIME_LAYER={int(self.runtime_layer)}",

@@ -4,7 +4,9 @@ What it measures, on the real libcuda of the machine, with the sidecar's BPF pro
 processes of their own (bench/tracer.py: otel_cuda.bpf.Probes with the default probe set, the pipeline, the
 archive to a local directory; telemetry too where opentelemetry is installed):
 
- 1. Per-call cost next to the floor: ctypes calls of cuLaunchKernel (an empty PTX kernel, 32 launches per timed
+ 1. (bench/gpu/run.sh skips this part: it measures per-call cost with bench/percall.py on copies of the real
+    libcuda instead, variants interleaved; real launches timed one variant after another wandered by more than the
+    probes cost.) Per-call cost next to the floor: ctypes calls of cuLaunchKernel (an empty PTX kernel, 32 launches per timed
     chunk, a cuCtxSynchronize between chunks so the launch queue never fills) and of cuStreamSynchronize on an
     idle stream (a call whose duration we record). Variants, in an order rotated per round: no probe; empty BPF
     programs (entry on cuLaunchKernel, entry + return on cuStreamSynchronize); ours; with --proposed, ours with

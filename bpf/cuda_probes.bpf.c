@@ -24,6 +24,9 @@
 #ifndef RINGBUF_WAKE_EVERY
 #define RINGBUF_WAKE_EVERY 256 /* a power of two */
 #endif
+#ifndef THREAD_STASH
+#define THREAD_STASH 1 /* 0: the entry->return stash in a hash map (kernels without task storage for tracing) */
+#endif
 #ifndef RUNTIME_LAYER
 #define RUNTIME_LAYER 1
 #endif
@@ -91,10 +94,19 @@ struct stash_slot {
     u8 nested;
     u8 _pad0;
 };
+#if THREAD_STASH
 struct thread_stash {
     struct stash_slot slot[STASH_SLOTS];
 };
 BPF_TASK_STORAGE(stashes, struct thread_stash);
+#else
+struct stash_key {
+    u32 tid; /* the kernel's, not the namespace's: entry and return only need to agree */
+    u16 func;
+    u16 _pad0;
+};
+BPF_HASH(stash_map, struct stash_key, struct stash_slot, 16384);
+#endif
 
 /* Threads inside a probed runtime (libcudart) call: driver calls under them are marked nested. */
 BPF_HASH(in_runtime, u32, u32, 16384);
@@ -251,6 +263,7 @@ static __always_inline u64 read_u64(u64 addr)
     return v;
 }
 
+#if THREAD_STASH
 /* A slot of this thread's stash for an entry of `func` to fill: a free one (or one `func` left, whose return never
  * came), else the oldest, whose return is then lost and counted so. NULL only if the storage cannot be had. */
 static __always_inline struct stash_slot *stash_put(u16 func)
@@ -282,12 +295,8 @@ static __always_inline struct stash_slot *stash_put(u16 func)
     return v;
 }
 
-/* The entry's stash for this return on this thread (NULL: the entry was not traced). The caller frees it
- * (func = 0) once it has read it. */
-static __always_inline struct stash_slot *stash_of(u16 func, u32 *pid, u32 *tid)
+static __always_inline struct stash_slot *stash_find(u16 func)
 {
-    if (current_ids(pid, tid))
-        return 0;
     struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
     if (!t)
         return 0;
@@ -296,6 +305,47 @@ static __always_inline struct stash_slot *stash_of(u16 func, u32 *pid, u32 *tid)
         if (t->slot[i].func == func)
             return &t->slot[i];
     return 0;
+}
+
+/* The return has read its stash: the slot is free again. */
+static __always_inline void stash_done(struct stash_slot *v)
+{
+    v->func = 0;
+}
+#else
+static __always_inline struct stash_slot *stash_put(u16 func)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
+    struct stash_slot fresh = {};
+    fresh.func = func;
+    if (stash_map.update(&k, &fresh)) { /* full: this call's return is lost */
+        count_lost();
+        return 0;
+    }
+    return stash_map.lookup(&k);
+}
+
+static __always_inline struct stash_slot *stash_find(u16 func)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
+    return stash_map.lookup(&k);
+}
+
+/* The return has read its stash (the pointer is invalid afterwards). */
+static __always_inline void stash_done(struct stash_slot *v)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = v->func};
+    stash_map.delete(&k);
+}
+#endif
+
+/* The entry's stash for this return on this thread (NULL: the entry was not traced). The caller calls stash_done()
+ * once it has read it. */
+static __always_inline struct stash_slot *stash_of(u16 func, u32 *pid, u32 *tid)
+{
+    if (current_ids(pid, tid))
+        return 0;
+    return stash_find(func);
 }
 
 /* ---- launches (entry only unless LAUNCH_RETURN) ------------------------------------------------ */
@@ -368,7 +418,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
-        v->func = 0;
+        stash_done(v);
         return 0;
     }
     launch_fill(e, pid, tid, func, v->ts_ns, v->args[0], v->args[1], v->grid[0], v->grid[1], v->grid[2],
@@ -377,7 +427,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     e->dur_ns = dur;
     e->result = result;
     events.ringbuf_submit(e, ring_wake_flags());
-    v->func = 0;
+    stash_done(v);
 #endif
     return 0;
 }
@@ -469,7 +519,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
         args[i] = v->args[i];
     u64 ts = v->ts_ns;
     u8 nested = v->nested;
-    v->func = 0;
+    stash_done(v);
 
     u64 bytes = 0;
     if (bytes_arg >= 0 && bytes_arg < OC_ARGS)
@@ -595,7 +645,7 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
     int zero = 0;
     struct oc_name *e = name_scratch.lookup(&zero);
     if (!e) {
-        v->func = 0;
+        stash_done(v);
         return 0;
     }
     s32 result = (s32)PT_REGS_RC(ctx);
@@ -612,7 +662,7 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
         e->h.flags |= OC_F_TRUNCATED;
     if (!v->nested)
         account(pid, func, e->dur_ns, 1, result, 0);
-    v->func = 0;
+    stash_done(v);
     if (events.ringbuf_output(e, sizeof(*e), ring_wake_flags()))
         count_lost();
     return 0;

@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import events
@@ -32,6 +32,9 @@ class BpfConfig:
     # consumer reads on its poll timeout (read_batch)
     ringbuf_wake_every: int = 256
     runtime_layer: bool = True  # False: no runtime probes, so no nesting lookup per call
+    # the entry->return stash in task-local storage (Linux >= 5.12); Probes falls back to a hash map where the kernel
+    # refuses it
+    thread_stash: bool = True
     # further .bpf.c files compiled into the same program; the system view (file I/O, mmap, scheduling) by default
     extra_sources: tuple[str, ...] = (str(BPF_DIR / "sys_probes.bpf.c"),)
     extra_cflags: tuple[str, ...] = ()
@@ -44,6 +47,7 @@ class BpfConfig:
             f"-DMAX_ALLOCS={self.max_allocs}",
             f"-DRINGBUF_WAKE_EVERY={self.ringbuf_wake_every}",
             f"-DRUNTIME_LAYER={int(self.runtime_layer)}",
+            f"-DTHREAD_STASH={int(self.thread_stash)}",
         ]
         ns = os.stat("/proc/self/ns/pid")
         if ns.st_ino != PROC_PID_INIT_INO:
@@ -61,6 +65,18 @@ def program_text(config: BpfConfig) -> str:
 _BPF_NOEXIST = 1
 
 
+def _load(bpf_class, config: BpfConfig):
+    """Compile the program and load one function that uses the stash: BCC verifies a function only when it is first
+    attached, and a refusal must show here, where there is still a fallback."""
+    bpf = bpf_class(text=program_text(config).encode(), cflags=config.cflags())
+    try:
+        bpf.load_func(b"entry_cuStreamSynchronize", bpf_class.KPROBE)
+    except Exception:
+        bpf.cleanup()
+        raise
+    return bpf
+
+
 def _sum_launches(per_cpu) -> list[int]:
     """A `targets` value summed over CPUs: launches per slot (func - FIRST_LAUNCH_FUNC)."""
     return [sum(v.launches[i] for v in per_cpu) for i in range(events.OC_LAUNCH_FUNCS)]
@@ -72,8 +88,16 @@ class Probes:
     def __init__(self, config: BpfConfig):
         from bcc import BPF  # noqa: PLC0415 - keep bcc out of every import path but this one
 
+        try:
+            self._bpf = _load(BPF, config)
+        except Exception as exc:
+            if not config.thread_stash:
+                raise
+            # Task storage for tracing programs came with Linux 5.12: older kernels get the hash-map stash.
+            log.warning("task-local storage refused (%s); the entry->return stash is a hash map", exc)
+            config = replace(config, thread_stash=False)
+            self._bpf = _load(BPF, config)
         self.config = config
-        self._bpf = BPF(text=program_text(config).encode(), cflags=config.cflags())
         self._attached: dict[tuple[int, int], list[tuple[str, str, bool]]] = {}  # inode -> (path, sym, ret)
         self._fds: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()

@@ -136,3 +136,34 @@ def test_launch_return_probes_add_duration_and_result(testbed, tmp_path):
         assert sum(launches["hist"]) == launches["calls"], "every launch has a duration"
     finally:
         lr_probes.close()
+
+
+def test_hash_map_stash_of_older_kernels_captures_the_same(probes, testbed, monkeypatch):
+    """Kernels before 5.12 refuse task-local storage in uprobe programs; the entry->return stash then lives in a hash
+    map (BpfConfig.thread_stash=False, chosen by Probes when loading fails). Both must capture every call."""
+    from otel_cuda import bpf
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    assert probes.config.thread_stash, "this kernel has task storage: the default program should use it"
+    real_load = bpf._load
+
+    def old_kernel_load(bpf_class, config):
+        if config.thread_stash:
+            raise Exception("cannot call helper 156 (task_storage_get)")  # what the verifier of 5.10 says
+        return real_load(bpf_class, config)
+
+    monkeypatch.setattr(bpf, "_load", old_kernel_load)
+    hash_probes = Probes(BpfConfig())
+    assert not hash_probes.config.thread_stash
+    try:
+        sidecar = RunningSidecar(hash_probes, match=r"--tag capture-hash")
+        truth = run_workload("--tag", "capture-hash", "--threads", "2", "--steps", "4", "--launches", "3",
+                             "--start-delay-ms", "1500")
+        time.sleep(0.3)
+        sidecar.stop()
+        assert captured(sidecar.pipeline, truth["pid"]) == {f: n for f, n in truth["calls"].items() if n}
+        stats = {BY_ID[f].symbol: agg for (pid, f), agg in hash_probes.stats().items() if pid == truth["pid"]}
+        sync = stats["cuStreamSynchronize"]
+        assert sync["calls"] == truth["calls"]["cuStreamSynchronize"] and sum(sync["hist"]) == sync["calls"]
+    finally:
+        hash_probes.close()

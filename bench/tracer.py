@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib as bl  # noqa: E402
+from otel_cuda.probes import BY_ID  # noqa: E402
 
 DEFAULT_SYMBOLS = "cuLaunchKernel,cuStreamSynchronize,cuMemcpyHtoD_v2,cuModuleGetFunction"
 
@@ -80,7 +81,9 @@ class Tracer:
             bpf[s] = {"entry": e[0] if e else None, "return": r[0] if r else None}
         return {"calls": dict(p.totals.calls), "lost": self.probes.lost(), "dropped": self.sc.dropped(),
                 "archived": p.totals.archived, "queue": p.events_to_archive.qsize(), "cpu_s": bl.cpu_self(),
-                "named": p.names.launches_named, "unknown": p.names.launches_unknown, "records": self.sc.records(),
+                "named": p.names.launches_named, "unknown": p.names.launches_unknown,
+                "unknown_by_function": {BY_ID[f].symbol: n for f, n in p.names.unknown_by_func.items()},
+                "records": self.sc.records(),
                 "batches": p.reader.counters.batches, "bpf": bpf, "attached": self.attached,
                 "missing": self.missing, "t": time.monotonic()}
 

@@ -39,6 +39,7 @@ class KernelNames:
         self.launches_named = 0
         self.launches_unknown = 0
         self.unknown_by_pid: Counter[int] = Counter()
+        self.unknown_by_func: Counter[int] = Counter()  # which launch function the unnamed launches came through
 
     def observe(self, ev: Event) -> Event:
         """Learn from a name-giving call; returns the event with its name completed where it was truncated."""
@@ -78,6 +79,7 @@ class KernelNames:
         if name is None:
             self.launches_unknown += 1
             self.unknown_by_pid[ev.pid] += 1
+            self.unknown_by_func[ev.func] += 1
             return UNKNOWN
         self.launches_named += 1
         return name

@@ -283,6 +283,8 @@ class Pipeline:
             "archived": t.archived,
             "launches_named": self.names.launches_named,
             "launches_unknown": self.names.launches_unknown,
+            "launches_unknown_by_function": {probe_table.BY_ID[f].symbol: n
+                                             for f, n in self.names.unknown_by_func.items()},
             "kernel_names_resolved": self.names.resolved_fraction,
             "processes": self.discovery.counters.processes_seen,
             "archive": self.archive.stats(),

@@ -517,8 +517,12 @@ class Run:
             return after[key] - before[key]
 
         calls = {k: v - before["calls"].get(k, 0) for k, v in after["calls"].items() if v - before["calls"].get(k, 0)}
+        unknown_by = {k: v - before.get("unknown_by_function", {}).get(k, 0)
+                      for k, v in after.get("unknown_by_function", {}).items()}
         return {"launches": sum(calls.get(s, 0) for s in LAUNCH_SYMBOLS), "graph_launches": calls.get("cuGraphLaunch", 0),
-                "calls": calls, "named": d("named"), "unknown": d("unknown"), "lost": d("lost") + d("dropped"),
+                "calls": calls, "named": d("named"), "unknown": d("unknown"),
+                "unknown_by_function": {k: v for k, v in unknown_by.items() if v},
+                "lost": d("lost") + d("dropped"),
                 "sidecar_cpu_s": d("cpu_s"), "wall_s": wall if wall else after["t"] - before["t"]}
 
     def out_of_time(self, next_s: float) -> bool:
@@ -544,6 +548,7 @@ class Run:
                                    "profiler_launch_api_by_name": names, "captured_launches": cap["launches"],
                                    "captured_by_function": {s: cap["calls"].get(s, 0) for s in LAUNCH_SYMBOLS},
                                    "equal": cap["launches"] == kernels, "named": cap["named"], "unknown": cap["unknown"],
+                                   "unknown_by_function": cap["unknown_by_function"],
                                    "lost": cap["lost"]}
         self.only(None)
         _ = torch

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one go:
 #   1. per-call cost next to the floors on this machine's kernel: bench/cpu on copies of the real libcuda, called
-#      uninitialised (the probes' cost does not depend on what the function does), variants interleaved;
+#      uninitialised (the probes' cost does not depend on what the function does), variants interleaved; and the
+#      launch handler's BPF time with one part taken out at a time (bench/ablate.py);
 #   2. eager and CUDA-graph decode traced/untraced inside one process, captured launches against an independent
 #      count, the share of named launches (bench/gpu/decode_bench.py);
 #   3. ingest capacity with the real libcuda's entry point as the producer (bench/ingest).
@@ -15,11 +16,11 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root" || exit 2
 py=${PYTHON:-python3}
 budget=540  # seconds for the three parts together (the device tool allows 600 a command)
-parts=percall,decode,ingest
+parts=percall,ablate,decode,ingest
 while [ $# -gt 0 ]; do
     case $1 in
         --budget-s) budget=$2; shift 2 ;;
-        --parts) parts=$2; shift 2 ;;  # a subset, e.g. decode,ingest
+        --parts) parts=$2; shift 2 ;;  # a subset, e.g. ablate,decode
         *) break ;;
     esac
 done
@@ -57,6 +58,11 @@ if want percall; then
     timeout 100 "$py" bench/percall.py --no-ingest --no-seed --rounds 7 --libcuda "$libcuda" --out "$out/cpu.json" \
         >"$out/cpu.log" 2>&1 || echo "per-call suite: exit $?"
 fi
+if want ablate; then
+    echo "== 1b. the launch handler's parts (bench/ablate.py on copies of $libcuda)"
+    timeout 60 "$py" bench/ablate.py --libcuda "$libcuda" --out "$out/ablate.json" >"$out/ablate.log" 2>&1 \
+        || echo "ablate: exit $?"
+fi
 if want decode; then
     reserve=0; want ingest && reserve=90  # seconds kept for the ingest part
     echo "== 2. decode pairs ($(left) s left)"
@@ -70,6 +76,6 @@ if want ingest; then
         >"$out/ingest.log" 2>&1 || echo "ingest suite: exit $?"
 fi
 echo; echo "== tables"
-for part in cpu:14 gpu:16 ingest:30; do
+for part in cpu:14 ablate:6 gpu:16 ingest:30; do
     f="$out/${part%%:*}.log"; [ -f "$f" ] && { tail -n "${part##*:}" "$f"; echo; }
 done

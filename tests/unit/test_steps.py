@@ -55,3 +55,4 @@ def test_names_from_module_library_and_kernel_get_function():
     assert names.name_of_launch(launch(0, handle=0x10, pid=8)) == "unknown"  # handles are per process
     assert names.name_of_launch(launch(0, func="cuGraphLaunch")) is None
     assert names.launches_unknown == 2 and names.resolved_fraction == 3 / 5
+    assert names.unknown_by_func == {F["cuLaunchKernel"]: 2}  # which launch path the unnamed ones took

@@ -81,8 +81,10 @@ BPF_HASH(allocs, struct alloc_key, struct alloc_val, MAX_ALLOCS);
 
 /* Entry -> return stash: what an entry saw, for its return. Thread-local storage, a few slots a thread (a runtime
  * call and the driver call under it are both in flight on one thread), found by function: a hash map keyed by
- * (thread, function) cost an update, a lookup and a delete per call (~45 % of a timed call's handlers), and kept
- * the entries of threads that died inside a call. */
+ * (thread, function) cost an update, a lookup and a delete per call (~45 % of a timed call's handlers). The hash
+ * map stays as the fallback: for a thread whose storage the kernel could not create at that moment (creation is
+ * refused while another BPF program on the same CPU holds the task-storage lock, e.g. one preempted inside it), and
+ * for kernels without task storage in uprobe programs (THREAD_STASH=0). */
 #define STASH_SLOTS 4
 struct stash_slot {
     u64 ts_ns;
@@ -92,20 +94,19 @@ struct stash_slot {
     u32 shared_mem;
     u16 func; /* 0: free */
     u8 nested;
-    u8 _pad0;
+    u8 in_map; /* 1: this slot is a stash_map entry */
 };
-#if THREAD_STASH
-struct thread_stash {
-    struct stash_slot slot[STASH_SLOTS];
-};
-BPF_TASK_STORAGE(stashes, struct thread_stash);
-#else
 struct stash_key {
     u32 tid; /* the kernel's, not the namespace's: entry and return only need to agree */
     u16 func;
     u16 _pad0;
 };
 BPF_HASH(stash_map, struct stash_key, struct stash_slot, 16384);
+#if THREAD_STASH
+struct thread_stash {
+    struct stash_slot slot[STASH_SLOTS];
+};
+BPF_TASK_STORAGE(stashes, struct thread_stash);
 #endif
 
 /* Threads inside a probed runtime (libcudart) call: driver calls under them are marked nested. */
@@ -263,15 +264,35 @@ static __always_inline u64 read_u64(u64 addr)
     return v;
 }
 
+static __always_inline struct stash_slot *map_stash_put(u16 func)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
+    struct stash_slot fresh = {};
+    fresh.func = func;
+    fresh.in_map = 1;
+    if (stash_map.update(&k, &fresh)) { /* full: this call's return is lost */
+        count_lost();
+        return 0;
+    }
+    return stash_map.lookup(&k);
+}
+
+static __always_inline struct stash_slot *map_stash_find(u16 func)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
+    return stash_map.lookup(&k);
+}
+
 #if THREAD_STASH
 /* A slot of this thread's stash for an entry of `func` to fill: a free one (or one `func` left, whose return never
- * came), else the oldest, whose return is then lost and counted so. NULL only if the storage cannot be had. */
+ * came), else the oldest, whose return is then lost and counted so; a hash-map entry if the thread has no storage
+ * and the kernel will not create it now. */
 static __always_inline struct stash_slot *stash_put(u16 func)
 {
     struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
                                                       BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!t)
-        return 0;
+        return map_stash_put(func);
     int pick = -1, oldest = 0;
     u64 oldest_ts = ~0ULL;
 #pragma unroll
@@ -292,52 +313,37 @@ static __always_inline struct stash_slot *stash_put(u16 func)
         return 0;
     struct stash_slot *v = &t->slot[pick];
     v->func = func;
+    v->in_map = 0;
     return v;
 }
 
 static __always_inline struct stash_slot *stash_find(u16 func)
 {
     struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
-    if (!t)
-        return 0;
+    if (t) {
 #pragma unroll
-    for (int i = 0; i < STASH_SLOTS; i++)
-        if (t->slot[i].func == func)
-            return &t->slot[i];
-    return 0;
-}
-
-/* The return has read its stash: the slot is free again. */
-static __always_inline void stash_done(struct stash_slot *v)
-{
-    v->func = 0;
+        for (int i = 0; i < STASH_SLOTS; i++)
+            if (t->slot[i].func == func)
+                return &t->slot[i];
+    }
+    return map_stash_find(func);
 }
 #else
-static __always_inline struct stash_slot *stash_put(u16 func)
-{
-    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
-    struct stash_slot fresh = {};
-    fresh.func = func;
-    if (stash_map.update(&k, &fresh)) { /* full: this call's return is lost */
-        count_lost();
-        return 0;
-    }
-    return stash_map.lookup(&k);
-}
+static __always_inline struct stash_slot *stash_put(u16 func) { return map_stash_put(func); }
+static __always_inline struct stash_slot *stash_find(u16 func) { return map_stash_find(func); }
+#endif
 
-static __always_inline struct stash_slot *stash_find(u16 func)
-{
-    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
-    return stash_map.lookup(&k);
-}
-
-/* The return has read its stash (the pointer is invalid afterwards). */
+/* The return has read its stash: the slot is free again (a hash-map entry is deleted: the pointer is invalid
+ * afterwards). */
 static __always_inline void stash_done(struct stash_slot *v)
 {
-    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = v->func};
-    stash_map.delete(&k);
+    if (v->in_map) {
+        struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = v->func};
+        stash_map.delete(&k);
+    } else {
+        v->func = 0;
+    }
 }
-#endif
 
 /* The entry's stash for this return on this thread (NULL: the entry was not traced). The caller calls stash_done()
  * once it has read it. */

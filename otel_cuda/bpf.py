@@ -32,9 +32,11 @@ class BpfConfig:
     # consumer reads on its poll timeout (read_batch)
     ringbuf_wake_every: int = 256
     runtime_layer: bool = True  # False: no runtime probes, so no nesting lookup per call
-    # the entry->return stash in task-local storage (Linux >= 5.12); Probes falls back to a hash map where the kernel
-    # refuses it
-    thread_stash: bool = True
+    # The entry->return stash in task-local storage (Linux >= 5.12; Probes falls back to the hash map where the
+    # kernel refuses it): a timed call's handlers took 22 % less time on the development machine. Off by default:
+    # with it, a fresh-clone CI run and 2 of 19 runs of tests/integration/test_capture.py here missed a kernel name
+    # (a name-giving call's return that found no stash), not yet explained; the hash map did not in 6 loaded runs.
+    thread_stash: bool = False
     # further .bpf.c files compiled into the same program; the system view (file I/O, mmap, scheduling) by default
     extra_sources: tuple[str, ...] = (str(BPF_DIR / "sys_probes.bpf.c"),)
     extra_cflags: tuple[str, ...] = ()

@@ -85,6 +85,9 @@ def parse_args(argv=None):
     ap.add_argument("--proposed", action="store_true", help="also run the proposed ring-buffer wakeup policy")
     ap.add_argument("--no-archive", action="store_true", help="the tracers run without the archive")
     ap.add_argument("--skip", default="", help="comma-separated: percall,eager,graph,count")
+    ap.add_argument("--tracer-cpus", default="",
+                    help="pin the tracer to these CPUs (e.g. 8,9) and this process to the others: whether the "
+                         "tracer sharing a core (or its hyperthread sibling) with the decode loop explains a slowdown")
     ap.add_argument("--deadline-s", type=float, default=0,
                     help="start no pair that would end after this many seconds from the start (0: no limit); the "
                          "pairs done are reported, so a run under a time limit still has results")
@@ -178,11 +181,14 @@ class Run:
         bl.log(f"libcuda: {self.lib}")
 
     def start_tracers(self) -> None:
+        if self.args.tracer_cpus:
+            mine = os.sched_getaffinity(0) - {int(c) for c in self.args.tracer_cpus.split(",")}
+            os.sched_setaffinity(0, mine)  # threads started later (PyTorch's) inherit it
         for name in ("ours", "proposed") if self.args.proposed else ("ours",):
             archive = None if self.args.no_archive else os.path.join(self.tmp, f"archive-{name}")
             t0 = time.monotonic()
             try:
-                self.tracers[name] = bl.Tracer(self.lib, os.getpid(), cpus="", proposed=name == "proposed",
+                self.tracers[name] = bl.Tracer(self.lib, os.getpid(), cpus=self.args.tracer_cpus, proposed=name == "proposed",
                                                archive=archive, symbols="default", detached=True)
             except Exception as exc:  # noqa: BLE001
                 if name == "ours":

@@ -118,19 +118,25 @@ def test_runtime_layer_counts_each_call_once(probes):
     assert sum(stats.values()) == sum(truth["calls"].values())  # runtime + non-nested driver = one count per call
 
 
+def capture_all(probes, tag: str, threads: int, **sidecar_settings):
+    """A sidecar on `probes` and a workload run under it: asserts every call was captured; returns the workload's
+    own counts and the kernel's aggregates for its pid by function name."""
+    sidecar = RunningSidecar(probes, match=rf"--tag {tag}", **sidecar_settings)
+    truth = run_workload("--tag", tag, "--threads", str(threads), "--steps", "4", "--launches", "3",
+                         "--start-delay-ms", "1500")
+    time.sleep(0.3)
+    sidecar.stop()
+    assert captured(sidecar.pipeline, truth["pid"]) == {f: n for f, n in truth["calls"].items() if n}
+    return truth, {BY_ID[f].symbol: agg for (pid, f), agg in probes.stats().items() if pid == truth["pid"]}
+
+
 def test_launch_return_probes_add_duration_and_result(testbed, tmp_path):
     """--launch-return: launches are probed at return too (a program of its own; the default is entry only)."""
     from otel_cuda.bpf import BpfConfig, Probes
 
     lr_probes = Probes(BpfConfig(launch_return=True))
     try:
-        sidecar = RunningSidecar(lr_probes, match=r"--tag capture-lr", launch_return=True)
-        truth = run_workload("--tag", "capture-lr", "--threads", "1", "--steps", "4", "--launches", "3",
-                             "--start-delay-ms", "1500")
-        time.sleep(0.3)
-        sidecar.stop()
-        assert captured(sidecar.pipeline, truth["pid"]) == {f: n for f, n in truth["calls"].items() if n}
-        stats = {BY_ID[f].symbol: agg for (pid, f), agg in lr_probes.stats().items() if pid == truth["pid"]}
+        truth, stats = capture_all(lr_probes, "capture-lr", threads=1, launch_return=True)
         launches = stats["cuLaunchKernel"]
         assert launches["calls"] == truth["calls"]["cuLaunchKernel"] and launches["total_ns"] > 0
         assert sum(launches["hist"]) == launches["calls"], "every launch has a duration"
@@ -155,13 +161,7 @@ def test_task_storage_refused_falls_back_to_the_hash_map_stash(testbed, monkeypa
     hash_probes = Probes(BpfConfig(thread_stash=True))
     assert not hash_probes.config.thread_stash
     try:
-        sidecar = RunningSidecar(hash_probes, match=r"--tag capture-hash")
-        truth = run_workload("--tag", "capture-hash", "--threads", "2", "--steps", "4", "--launches", "3",
-                             "--start-delay-ms", "1500")
-        time.sleep(0.3)
-        sidecar.stop()
-        assert captured(sidecar.pipeline, truth["pid"]) == {f: n for f, n in truth["calls"].items() if n}
-        stats = {BY_ID[f].symbol: agg for (pid, f), agg in hash_probes.stats().items() if pid == truth["pid"]}
+        truth, stats = capture_all(hash_probes, "capture-hash", threads=2)
         sync = stats["cuStreamSynchronize"]
         assert sync["calls"] == truth["calls"]["cuStreamSynchronize"] and sum(sync["hist"]) == sync["calls"]
     finally:

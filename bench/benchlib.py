@@ -149,13 +149,11 @@ class Driver:
 class Tracer:
     """bench/tracer.py in a process of its own (pinned to `cpus`): our probes on one copy, the sidecar consuming."""
 
-    def __init__(self, lib: str, pid: int, cpus: str = "0", proposed: bool = False, archive: str | None = None,
+    def __init__(self, lib: str, pid: int, cpus: str = "0", archive: str | None = None,
                  consumer: str = "auto", symbols: str | None = None, ringbuf_pages: int | None = None,
                  detached: bool = False, python: str | None = None):
         py = python or sys.executable
         cmd = [py, str(Path(__file__).with_name("tracer.py")), "--lib", lib, "--pid", str(pid), "--consumer", consumer]
-        if proposed:
-            cmd.append("--proposed")
         if archive:
             cmd += ["--archive", archive]
         if symbols:
@@ -546,64 +544,6 @@ def pin_self(cpus: str) -> None:
     """Pin this process (threads started later inherit it): the tracer's side of the machine."""
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
-
-
-# ---- the proposed ring-buffer wakeup policy (measured side by side with the current one) ------------------------
-
-# Every record the kernel submits with flags 0 wakes the consumer when it has caught up, which a fast consumer on
-# an idle core always has: one irq_work (a self-IPI, then a wake-up) in the traced thread per event. The proposal:
-# submit with BPF_RB_NO_WAKEUP, force a wakeup once per RINGBUF_WAKE_EVERY records per CPU, and let the consumer
-# read on its poll timeout (read_batch: poll, then consume). Applied here to the current program text (the bench
-# only; the product takes the equivalent diff, with the setting as a cflag).
-WAKE_HELPER = r"""
-#ifndef RINGBUF_WAKE_EVERY
-#define RINGBUF_WAKE_EVERY 256 /* a power of two */
-#endif
-BPF_PERCPU_ARRAY(ring_submitted, u64, 1);
-static __always_inline u64 ring_wake_flags(void)
-{
-    int zero = 0;
-    u64 *n = ring_submitted.lookup(&zero);
-    if (!n)
-        return BPF_RB_FORCE_WAKEUP;
-    *n += 1;
-    return (*n & (RINGBUF_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
-}
-"""
-
-
-def proposed_program_text(text: str) -> str:
-    if "ring_wake_flags" in text:
-        raise ValueError("the program has a wakeup policy of its own already (the proposal was applied): drop --proposed")
-    anchor = re.search(r"BPF_RINGBUF_OUTPUT\(events, [^)]*\);\n", text)
-    if anchor is None:
-        raise ValueError("no BPF_RINGBUF_OUTPUT(events, ...) in the program")
-    text = text[:anchor.end()] + WAKE_HELPER + text[anchor.end():]
-    text = re.sub(r"events\.ringbuf_submit\((\w+), 0\)", r"events.ringbuf_submit(\1, ring_wake_flags())", text)
-    text = re.sub(r"events\.ringbuf_output\((\w+), (sizeof\([^)]*\)), 0\)",
-                  r"events.ringbuf_output(\1, \2, ring_wake_flags())", text)
-    return text
-
-
-def load_proposed_probes(ringbuf_pages: int | None = None):
-    """otel_cuda.bpf.Probes with the proposed wakeup policy: program text transformed, read_batch consuming after
-    its poll."""
-    from otel_cuda import bpf as bpf_mod
-
-    class BatchedProbes(bpf_mod.Probes):
-        def read_batch(self, timeout_ms: int) -> list[bytes]:
-            batch = super().read_batch(timeout_ms)  # returns early when a forced wakeup came
-            self._bpf.ring_buffer_consume()  # records submitted without a wakeup
-            more, self._batch = self._batch, []
-            return batch + more if batch else more
-
-    config = bpf_config(bpf_mod, ringbuf_pages)
-    original = bpf_mod.program_text
-    bpf_mod.program_text = lambda c: proposed_program_text(original(c))
-    try:
-        return BatchedProbes(config)
-    finally:
-        bpf_mod.program_text = original
 
 
 # ---- BPF run-time statistics: what the program body itself costs, apart from the trap -----------------------

@@ -47,7 +47,6 @@ def parse_args(argv=None):
     ap.add_argument("--archive", choices=("both", "off", "on"), default="both")
     ap.add_argument("--consumer", choices=("auto", "sidecar", "pipeline"), default="auto",
                     help="auto: the sidecar's stages (telemetry) where opentelemetry is installed, else the pipeline")
-    ap.add_argument("--proposed", action="store_true", help="also run the proposed ring-buffer wakeup policy")
     ap.add_argument("--no-seed", action="store_true", help="skip the sweep with the seeds' bpftrace design")
     ap.add_argument("--contended-calls", type=float, default=200000,
                     help="calls of the contended run (producer threads on every core, consumer unpinned); 0 = skip")
@@ -72,10 +71,10 @@ def parse_args(argv=None):
     return args
 
 
-def sweep(args, driver: bl.Driver, archive: bool, proposed: bool) -> dict:
+def sweep(args, driver: bl.Driver, archive: bool) -> dict:
     adir = tempfile.mkdtemp(prefix="bench-ingest-archive-") if archive else None
-    tracer = bl.Tracer(driver.lib("ingest"), driver.pid, cpus=args.tracer_cpu, proposed=proposed, archive=adir,
-                       consumer=args.consumer, symbols=f"{SYM},cuModuleGetFunction")
+    tracer = bl.Tracer(driver.lib("ingest"), driver.pid, cpus=args.tracer_cpu, archive=adir, consumer=args.consumer,
+                       symbols=f"{SYM},cuModuleGetFunction")
     steps = []
     try:
         driver.name()
@@ -100,7 +99,7 @@ def sweep(args, driver: bl.Driver, archive: bool, proposed: bool) -> dict:
                     "consumer_utilisation": round(cpu / span, 3) if span > 0 else None,
                     "producer_cpu_ns_per_call": r["cpu_ns_per_call"], "batches": a["batches"] - b["batches"]}
             steps.append(step)
-            bl.log(f"ingest archive={'on' if archive else 'off'}{' proposed' if proposed else ''}: "
+            bl.log(f"ingest archive={'on' if archive else 'off'}: "
                    f"target {step['target_rate']}/s -> {step['rate']}/s, lost {lost}, lag {lag:.2f}s, "
                    f"{step['cpu_s_per_100k_events']:.3f} CPU s/100k, consumer at {step['consumer_utilisation']}")
             if lost and not args.keep_going:
@@ -124,7 +123,7 @@ def sweep(args, driver: bl.Driver, archive: bool, proposed: bool) -> dict:
         limit = "not reached: every step kept up (raise --rates)"
     else:
         limit = "consumer: the next step lost events or fell behind"
-    return {"archive": archive, "proposed": proposed, "consumer": tracer.kind, "steps": steps,
+    return {"archive": archive, "consumer": tracer.kind, "steps": steps,
             "events_per_s_zero_loss": best["rate"] if best else 0,
             "cpu_s_per_100k_events": best["cpu_s_per_100k_events"] if best else None,
             "events_per_s_per_core": round(1e5 / best["cpu_s_per_100k_events"]) if best and best[
@@ -177,7 +176,7 @@ def seed_sweep(args, driver: bl.Driver) -> dict:
             break
         prefix.append(st)
     best = max(prefix, key=lambda st: st["rate"]) if prefix else None
-    return {"archive": None, "proposed": False, "consumer": "bpftrace (the seeds' design)", "steps": steps,
+    return {"archive": None, "consumer": "bpftrace (the seeds' design)", "steps": steps,
             "calls_total": total_calls, "lines_total": res["lines"], "lost_total": max(0, total_calls - res["lines"]),
             "reported_lost": res["reported_lost"], "events_per_s_zero_loss": best["rate"] if best else 0,
             "cpu_s_per_100k_events": best["cpu_s_per_100k_events"] if best else None,
@@ -188,7 +187,7 @@ def seed_sweep(args, driver: bl.Driver) -> dict:
 
 def contended(args, kind: str) -> dict:
     """Producer threads on every core, flat out, and the consumer unpinned: the consumer has to win CPU time from
-    the workload, as a sidecar does on a busy node. One run per consumer kind (ours, proposed, seed)."""
+    the workload, as a sidecar does on a busy node. One run per consumer kind (ours, seed)."""
     threads = os.cpu_count() or 2
     driver = bl.Driver(("ingest",), cpus="")
     n = int(args.contended_calls)
@@ -208,8 +207,8 @@ def contended(args, kind: str) -> dict:
             return {"consumer": "bpftrace (the seeds' design)", "calls": r["n"], "rate": round(r["rate"]),
                     "events": lines, "lost": max(0, r["n"] - lines), "reported_lost": res["reported_lost"]}
         adir = tempfile.mkdtemp(prefix="bench-ingest-archive-")
-        tracer = bl.Tracer(driver.lib("ingest"), driver.pid, cpus="", proposed=kind == "proposed", archive=adir,
-                           consumer=args.consumer, symbols=f"{SYM},cuModuleGetFunction")
+        tracer = bl.Tracer(driver.lib("ingest"), driver.pid, cpus="", archive=adir, consumer=args.consumer,
+                           symbols=f"{SYM},cuModuleGetFunction")
         try:
             b = tracer.stats()
             r = driver.run("launch", n, rate=0, threads=threads)["ingest"]
@@ -218,7 +217,7 @@ def contended(args, kind: str) -> dict:
             tracer.close()
             shutil.rmtree(adir, ignore_errors=True)
         got = a["calls"].get(SYM, 0) - b["calls"].get(SYM, 0)
-        return {"consumer": tracer.kind + (" proposed" if kind == "proposed" else ""), "calls": r["n"],
+        return {"consumer": tracer.kind, "calls": r["n"],
                 "rate": round(r["rate"]), "events": got, "lost": r["n"] - got, "lost_ringbuf": a["lost"] - b["lost"],
                 "cpu_s_per_100k_events": round((a["cpu_s"] - b["cpu_s"]) * 1e5 / max(got, 1), 4)}
     finally:
@@ -235,16 +234,15 @@ def run(args, driver: bl.Driver | None = None) -> dict:
     sweeps = []
     try:
         modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.archive]
-        for proposed in (False, True) if args.proposed else (False,):
-            for archive in modes:
-                try:
-                    sweeps.append(sweep(args, driver, archive, proposed))
-                except Exception as exc:  # noqa: BLE001 - report what there is
-                    bl.log(f"ingest sweep archive={archive} proposed={proposed} failed: {exc!r}")
-                    sweeps.append({"archive": archive, "proposed": proposed, "error": repr(exc)})
+        for archive in modes:
+            try:
+                sweeps.append(sweep(args, driver, archive))
+            except Exception as exc:  # noqa: BLE001 - report what there is
+                bl.log(f"ingest sweep archive={archive} failed: {exc!r}")
+                sweeps.append({"archive": archive, "error": repr(exc)})
         if args.contended_calls:
             out["contended"] = {}
-            for kind in ("ours",) + (("proposed",) if args.proposed else ()) + (() if args.no_seed else ("seed",)):
+            for kind in ("ours",) + (() if args.no_seed else ("seed",)):
                 try:
                     c = out["contended"][kind] = contended(args, kind)
                     bl.log(f"ingest contended, {kind}: {c['calls']} calls at {c['rate']}/s on every core, "
@@ -257,7 +255,7 @@ def run(args, driver: bl.Driver | None = None) -> dict:
                 sweeps.append(seed_sweep(args, driver))
             except Exception as exc:  # noqa: BLE001
                 bl.log(f"ingest seed sweep failed: {exc!r}")
-                sweeps.append({"archive": None, "proposed": False, "error": repr(exc)})
+                sweeps.append({"archive": None, "error": repr(exc)})
     finally:
         if own:
             driver.close()
@@ -265,7 +263,7 @@ def run(args, driver: bl.Driver | None = None) -> dict:
     def key(s):
         if s["archive"] is None:
             return "seed_bpftrace"
-        return ("archive_on" if s["archive"] else "archive_off") + ("_proposed" if s["proposed"] else "")
+        return "archive_on" if s["archive"] else "archive_off"
 
     out["sweeps"] = {key(s): s for s in sweeps}
     out["ingest_events_per_s_zero_loss"] = {key(s): s.get("events_per_s_zero_loss") for s in sweeps}

@@ -10,7 +10,6 @@ libcuda.so.1 per variant (uprobes are per inode, so each variant's tracer attach
                  function entry + return), the sidecar's stages consuming the ring buffer in a process of their
                  own (bench/tracer.py: telemetry and the archive, as `otel-cuda run` builds them)
   seed           bpftrace printing one JSON line per cuLaunchKernel call into a file (the seeds' design)
-  proposed       (--proposed) ours with the proposed ring-buffer wakeup policy (benchlib.WAKE_HELPER)
 
 All tracers stay attached for the whole run and sit on the other core. Each round makes N calls of cuLaunchKernel
 per copy, then N of the timed function (cuStreamSynchronize with FAKE_CUDA_SYNC_US=0, or cuMemcpyHtoD_v2),
@@ -52,8 +51,6 @@ def parse_args(argv=None):
                          "null observer")
     ap.add_argument("--no-archive", action="store_true", help="run the consumer without the archive")
     ap.add_argument("--no-seed", action="store_true", help="skip the bpftrace variant")
-    ap.add_argument("--proposed", action="store_true",
-                    help="also measure the proposed ring-buffer wakeup policy (benchlib.WAKE_HELPER) side by side")
     ap.add_argument("--no-ingest", action="store_true", help="skip the ingest suite (bench/ingest)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and calls (and a quick ingest suite)")
     ap.add_argument("--metric", choices=("median", "p10", "cpu", "wall"), default="median",
@@ -80,8 +77,7 @@ class PerCall:
         self.timed = args.timed_func
         self.timed_sym = bl.SYMBOL[self.timed]
         self.stats_fd = bl.enable_bpf_stats()
-        self.variants = ["none", "floor", "ours"] + ([] if args.no_seed else ["seed"]) + (
-            ["proposed"] if args.proposed else [])
+        self.variants = ["none", "floor", "ours"] + ([] if args.no_seed else ["seed"])
         self.driver = d = bl.Driver(self.variants, cpus=args.workload_cpu)
         self.archive_dirs: list[str] = []
         self.floor = bl.EmptyProbes()
@@ -89,15 +85,13 @@ class PerCall:
         self.floor.attach(d.lib("floor"), self.timed_sym, True)
         self.floor_fds = {"entry_launch": bl.prog_fds(self.floor.bpf, ["e"]), "timed": bl.prog_fds(self.floor.bpf, ["e", "r"])}
         self.tracers: dict[str, bl.Tracer] = {}
-        for v in ("ours", "proposed"):
-            if v in self.variants:
-                archive = None
-                if not args.no_archive:
-                    archive = tempfile.mkdtemp(prefix=f"bench-archive-{v}-")
-                    self.archive_dirs.append(archive)
-                self.tracers[v] = bl.Tracer(d.lib(v), d.pid, cpus=args.tracer_cpu, proposed=v == "proposed",
-                                            archive=archive, consumer=args.consumer,
-                                            symbols=f"cuLaunchKernel,{self.timed_sym},cuModuleGetFunction")
+        archive = None
+        if not args.no_archive:
+            archive = tempfile.mkdtemp(prefix="bench-archive-ours-")
+            self.archive_dirs.append(archive)
+        self.tracers["ours"] = bl.Tracer(d.lib("ours"), d.pid, cpus=args.tracer_cpu, archive=archive,
+                                         consumer=args.consumer,
+                                         symbols=f"cuLaunchKernel,{self.timed_sym},cuModuleGetFunction")
         self.seed = None
         if "seed" in self.variants:
             self.seed = bl.SeedBpftrace(d.lib("seed"), "cuLaunchKernel", d.pid, cpus=args.tracer_cpu)
@@ -192,9 +186,6 @@ class PerCall:
                 "timed_vs_entry_return_floor": ratio(oh(T, "ours"), oh(T, "floor")),
                 "ours_vs_seed": ratio(oh(L, "ours"), oh(L, "seed")),
                 "ours_vs_seed_total_cpu": ratio(ours_total, seed_total),
-                "proposed_launch_vs_entry_floor": ratio(oh(L, "proposed"), oh(L, "floor")),
-                "proposed_timed_vs_entry_return_floor": ratio(oh(T, "proposed"), oh(T, "floor")),
-                "proposed_vs_seed": ratio(oh(L, "proposed"), oh(L, "seed")),
                 "entry_return_floor_vs_entry_floor": ratio(oh(T, "floor"), oh(L, "floor")),
             })
 
@@ -227,20 +218,12 @@ class PerCall:
             "overhead_ns": {run: {v: bl.median([p["overhead_ns"][run].get(v) for p in per_round])
                                   for v in self.variants if v != "none" and not (run == "timed" and v == "seed")}
                             for run in ("launch", "timed")},
-            "bpf_ns_per_run": {run: {v: bl.median(col(run, v, "bpf_ns_per_run")) for v in ("floor", "ours", "proposed")
-                                     if v in self.variants} for run in ("launch", "timed")},
+            "bpf_ns_per_run": {run: {v: bl.median(col(run, v, "bpf_ns_per_run")) for v in ("floor", "ours")}
+                            for run in ("launch", "timed")},
             "entry_return_floor_vs_entry_floor": med("entry_return_floor_vs_entry_floor"),
             "consumer_cpu_ns_per_event": {run: bl.median(col(run, "ours", "consumer_cpu_ns_per_event"))
                                           for run in ("launch", "timed")},
             "seed_bpftrace_cpu_ns_per_event": bl.median(col("launch", "seed", "tracer_cpu_ns_per_event")),
-            "proposed": {
-                "percall_launch_ratio_vs_entry_floor": med("proposed_launch_vs_entry_floor"),
-                "percall_timed_ratio_vs_entry_return_floor": med("proposed_timed_vs_entry_return_floor"),
-                "seed_bpftrace_ratio": med("proposed_vs_seed"),
-                "consumer_cpu_ns_per_event": {run: bl.median(col(run, "proposed", "consumer_cpu_ns_per_event"))
-                                              for run in ("launch", "timed")},
-                "lost": lost("proposed"),
-            } if "proposed" in self.variants else None,
             "timed_function": self.timed_sym,
             "consumer": next(iter(self.tracers.values())).kind if self.tracers else None,
             "params": {k: getattr(self.args, k) for k in ("rounds", "n", "warmup", "metric", "tracer_cpu",
@@ -293,14 +276,6 @@ def table(res: dict) -> str:
               f"consumer CPU ns/event                {f(cons['launch'], '{:.0f}')} (launch), "
               f"{f(cons['timed'], '{:.0f}')} (timed); bpftrace {f(res['seed_bpftrace_cpu_ns_per_event'], '{:.0f}')}",
               f"launches named                       {f(res['launches_named_share'])}"]
-    p = res.get("proposed")
-    if p:
-        pc = p["consumer_cpu_ns_per_event"]
-        lines += [f"proposed: launch / entry floor       {f(p['percall_launch_ratio_vs_entry_floor'])}",
-                  f"proposed: timed / entry+ret floor    {f(p['percall_timed_ratio_vs_entry_return_floor'])}",
-                  f"proposed: ours / seed bpftrace       {f(p['seed_bpftrace_ratio'])}",
-                  f"proposed: consumer CPU ns/event      {f(pc['launch'], '{:.0f}')} (launch), "
-                  f"{f(pc['timed'], '{:.0f}')} (timed); lost {p['lost']}"]
     for k in ("ingest_events_per_s_zero_loss", "cpu_s_per_100k_events", "consumer_events_per_s_per_core"):
         if k in res:
             lines.append(f"{k:<36} {json.dumps(res[k])}")
@@ -334,8 +309,6 @@ def main(argv=None) -> int:
 
         ing_args = ["--quick"] if args.quick else ["--seconds", "2", "--contended-calls", "100000",
                                                     "--rates", ",".join(map(str, ingest.CPU_SUITE_RATES))]
-        if args.proposed:
-            ing_args.append("--proposed")
         if args.no_seed:
             ing_args.append("--no-seed")
         ing = ingest.run(ingest.parse_args(ing_args + ["--tracer-cpu", args.tracer_cpu,

@@ -9,7 +9,7 @@ cost. Driven over stdin by bench/percall.py, bench/ingest.py and bench/gpu/decod
   attach                   undo detach (the BPF program, its maps and the pipeline's state, names included, stay)
   quit                     stop the sidecar (drain, close) and print its summary
 
-Usage: tracer.py --lib PATH --pid PID [--proposed] [--archive DIR] [--consumer auto|sidecar|pipeline]
+Usage: tracer.py --lib PATH --pid PID [--archive DIR] [--consumer auto|sidecar|pipeline]
                  [--symbols default|cuLaunchKernel,...] [--ringbuf-pages N] [--cpus 0] [--detached]
 --symbols default attaches what the sidecar attaches (the driver probe table).
 """
@@ -33,8 +33,7 @@ DEFAULT_SYMBOLS = "cuLaunchKernel,cuStreamSynchronize,cuMemcpyHtoD_v2,cuModuleGe
 class Tracer:
     def __init__(self, args):
         self.args = args
-        self.probes = (bl.load_proposed_probes(args.ringbuf_pages) if args.proposed
-                       else bl.load_probes(args.ringbuf_pages))
+        self.probes = bl.load_probes(args.ringbuf_pages)
         full = args.consumer == "sidecar" or (args.consumer == "auto" and bl.have_otel())
         self.sc = bl.InProcessSidecar(self.probes, args.pid, args.archive, full=full)
         st = os.stat(args.lib)
@@ -107,7 +106,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
     ap.add_argument("--pid", type=int, required=True)
-    ap.add_argument("--proposed", action="store_true")
     ap.add_argument("--archive")
     ap.add_argument("--consumer", choices=("auto", "sidecar", "pipeline"), default="auto")
     ap.add_argument("--symbols", default=DEFAULT_SYMBOLS)

@@ -2,27 +2,20 @@
 
 What it measures, on the real libcuda of the machine, with the sidecar's BPF program and stages running in
 processes of their own (bench/tracer.py: otel_cuda.bpf.Probes with the default probe set, the pipeline, the
-archive to a local directory; telemetry too where opentelemetry is installed):
+archive to a local directory; telemetry too where opentelemetry is installed). Per-call cost is bench/percall.py's
+(bench/gpu/run.sh runs both):
 
- 1. (bench/gpu/run.sh skips this part: it measures per-call cost with bench/percall.py on copies of the real
-    libcuda instead, variants interleaved; real launches timed one variant after another wandered by more than the
-    probes cost.) Per-call cost next to the floor: ctypes calls of cuLaunchKernel (an empty PTX kernel, 32 launches per timed
-    chunk, a cuCtxSynchronize between chunks so the launch queue never fills) and of cuStreamSynchronize on an
-    idle stream (a call whose duration we record). Variants, in an order rotated per round: no probe; empty BPF
-    programs (entry on cuLaunchKernel, entry + return on cuStreamSynchronize); ours; with --proposed, ours with
-    the proposed ring-buffer wakeup policy. Median chunk per variant and round; ratios of overheads per round;
-    median over rounds. BPF program bodies' own ns per run from the kernel's run-time statistics.
- 2. Eager decode: a randomly initialised Llama-style model (transformers LlamaForCausalLM, no download), HF
+ 1. Eager decode: a randomly initialised Llama-style model (transformers LlamaForCausalLM, no download), HF
     `generate` with a KV cache. Untraced and traced phases alternate inside this one process (the tracer attaches
     and detaches between phases; pair i runs untraced first when i is even, traced first when odd); tokens/s per
     phase; the median of the per-pair ratios traced/untraced.
- 3. CUDA-graph decode: one decode step of a Llama-style model (own code, static KV cache, on-device position)
+ 2. CUDA-graph decode: one decode step of a Llama-style model (own code, static KV cache, on-device position)
     captured in a CUDA graph and replayed, the sampled tokens read back to the host every step as vLLM does; the
     same alternation of phases.
- 4. Captured launches against an independent count: eager, torch.profiler (CUPTI) kernels over a window while
+ 3. Captured launches against an independent count: eager, torch.profiler (CUPTI) kernels over a window while
     traced, against the launches the sidecar processed over the same window; graph, the replays this process
     made against the cuGraphLaunch events processed.
- 5. The share of launches with a kernel name (the tracer attaches before the first CUDA call, so every module's
+ 4. The share of launches with a kernel name (the tracer attaches before the first CUDA call, so every module's
     names are seen as they load).
 
 Every step's failure is caught and reported; what was measured is always written (JSON under --out) and the short
@@ -55,17 +48,6 @@ sys.path.insert(0, str(ROOT))
 import benchlib as bl  # noqa: E402
 
 LAUNCH_SYMBOLS = ("cuLaunchKernel", "cuLaunchKernelEx", "cuLaunchCooperativeKernel")
-EMPTY_PTX = b"""
-.version 7.0
-.target sm_70
-.address_size 64
-.visible .entry otel_cuda_bench_empty()
-{
-    ret;
-}
-"""
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "out"), help="directory for the results")
@@ -80,11 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--graph-batch", type=int, default=32)
     ap.add_argument("--graph-steps", type=int, default=800, help="graph replays per phase")
     ap.add_argument("--graph-max-len", type=int, default=2048, help="static KV cache length")
-    ap.add_argument("--percall-rounds", type=int, default=9)
-    ap.add_argument("--percall-n", type=int, default=4096, help="calls per variant per round")
-    ap.add_argument("--proposed", action="store_true", help="also run the proposed ring-buffer wakeup policy")
     ap.add_argument("--no-archive", action="store_true", help="the tracers run without the archive")
-    ap.add_argument("--skip", default="", help="comma-separated: percall,eager,graph,count")
+    ap.add_argument("--skip", default="", help="comma-separated: eager,graph,count")
     ap.add_argument("--tracer-cpus", default="",
                     help="pin the tracer to these CPUs (e.g. 8,9) and this process to the others: whether the "
                          "tracer sharing a core (or its hyperthread sibling) with the decode loop explains a slowdown")
@@ -184,21 +163,12 @@ class Run:
         if self.args.tracer_cpus:
             mine = os.sched_getaffinity(0) - {int(c) for c in self.args.tracer_cpus.split(",")}
             os.sched_setaffinity(0, mine)  # threads started later (PyTorch's) inherit it
-        for name in ("ours", "proposed") if self.args.proposed else ("ours",):
-            archive = None if self.args.no_archive else os.path.join(self.tmp, f"archive-{name}")
-            t0 = time.monotonic()
-            try:
-                self.tracers[name] = bl.Tracer(self.lib, os.getpid(), cpus=self.args.tracer_cpus, proposed=name == "proposed",
-                                               archive=archive, symbols="default", detached=True)
-            except Exception as exc:  # noqa: BLE001
-                if name == "ours":
-                    raise
-                # e.g. the proposal is in the code already (bench refuses to add it twice): ours is the proposal
-                self.res.setdefault("tracers", {})[name] = {"error": repr(exc)}
-                bl.log(f"no {name} tracer: {exc!r}")
-                continue
-            self.res.setdefault("tracers", {})[name] = {"kind": self.tracers[name].kind,
-                                                        "start_s": round(time.monotonic() - t0, 2)}
+        archive = None if self.args.no_archive else os.path.join(self.tmp, "archive-ours")
+        t0 = time.monotonic()
+        self.tracers["ours"] = bl.Tracer(self.lib, os.getpid(), cpus=self.args.tracer_cpus, archive=archive,
+                                         symbols="default", detached=True)
+        self.res.setdefault("tracers", {})["ours"] = {"kind": self.tracers["ours"].kind,
+                                                      "start_s": round(time.monotonic() - t0, 2)}
         self.res["consumer"] = self.tracers["ours"].kind
 
     def attach(self, names) -> None:
@@ -225,129 +195,7 @@ class Run:
             self.res.setdefault("attach_s", []).append(round(r.get("s", 0), 3))
         self.active = name
 
-    # -- 1. per-call cost ----------------------------------------------------------------------------------------
-    def setup_driver_calls(self) -> None:
-        cu = self.cu
-        vp, u = ctypes.c_void_p, ctypes.c_uint
-        cu.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp, vp, vp]
-        cu.cuLaunchKernel.restype = ctypes.c_int
-        cu.cuStreamSynchronize.argtypes = [vp]
-        cu.cuStreamSynchronize.restype = ctypes.c_int
-        cu.cuCtxSynchronize.restype = ctypes.c_int
-        mod, fn = vp(), vp()
-        if self.args.dry_run:  # the fake driver: initialise it ourselves
-            dev, ctx = ctypes.c_int(), vp()
-            assert cu.cuInit(0) == 0
-            assert cu.cuDeviceGet(ctypes.byref(dev), 0) == 0
-            assert cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
-            assert cu.cuCtxSetCurrent(ctx) == 0
-        rc = cu.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(EMPTY_PTX))
-        if rc:
-            raise RuntimeError(f"cuModuleLoadData(empty PTX kernel): CUresult {rc}")
-        rc = cu.cuModuleGetFunction(ctypes.byref(fn), mod, b"otel_cuda_bench_empty")
-        if rc:
-            raise RuntimeError(f"cuModuleGetFunction: CUresult {rc}")
-        self.fn = fn
-
-    def chunks(self, kind: str, n: int) -> float:
-        """Median ns per call over chunks of 32 calls; the launch queue is drained between chunks, untimed."""
-        cu, fn, clock = self.cu, self.fn, time.perf_counter_ns
-        launch, sync, ctxsync = cu.cuLaunchKernel, cu.cuStreamSynchronize, cu.cuCtxSynchronize
-        per = []
-        for _ in range(max(1, n // 32)):
-            if kind == "launch":
-                t0 = clock()
-                for _ in range(32):
-                    launch(fn, 1, 1, 1, 32, 1, 1, 0, None, None, None)
-                t1 = clock()
-            else:
-                t0 = clock()
-                for _ in range(32):
-                    sync(None)
-                t1 = clock()
-            ctxsync()
-            per.append((t1 - t0) / 32)
-        return statistics.median(per)
-
-    def percall(self) -> None:
-        a = self.args
-        bl.enable_bpf_stats()
-        floor = bl.EmptyProbes()
-        floor_fds = {}
-        variants = ["none", "floor", "ours"] + (["proposed"] if "proposed" in self.tracers else [])
-        rounds = []
-        try:
-            for r in range(a.percall_rounds):
-                k = r % len(variants)
-                order = variants[k:] + variants[:k]
-                rnd = {}
-                for v in order:
-                    if v == "floor":
-                        self.only(None)
-                        floor.attach(self.lib, "cuLaunchKernel", False)
-                        floor.attach(self.lib, "cuStreamSynchronize", True)
-                        floor_fds = {"launch": bl.prog_fds(floor.bpf, ["e"]), "sync": bl.prog_fds(floor.bpf, ["e", "r"])}
-                    else:
-                        self.only(None if v == "none" else v)
-                    self.chunks("launch", 256)  # warm up
-                    self.chunks("sync", 256)
-                    out = {}
-                    for kind in ("launch", "sync"):
-                        before = self.tracers[v].stats() if v in self.tracers else None
-                        timer = bl.ProgTimer(floor_fds[kind]) if v == "floor" else None
-                        out[kind] = {"ns": self.chunks(kind, a.percall_n)}
-                        if timer:
-                            out[kind]["bpf_ns"] = sum(x for x in timer.result().values() if x)
-                        if before is not None:
-                            after = self.tracers[v].stats()
-                            sym = "cuLaunchKernel" if kind == "launch" else "cuStreamSynchronize"
-                            body = 0.0
-                            for part in ("entry", "return"):
-                                x0, x1 = before["bpf"][sym][part], after["bpf"][sym][part]
-                                if x0 and x1 and x1[1] > x0[1]:
-                                    body += (x1[0] - x0[0]) / (x1[1] - x0[1])
-                            out[kind]["bpf_ns"] = body
-                    if v == "floor":
-                        floor.detach()
-                    rnd[v] = out
-                rounds.append(rnd)
-                bl.log(f"per-call round {r + 1}: " + ", ".join(
-                    f"{v} {rnd[v]['launch']['ns']:.0f}/{rnd[v]['sync']['ns']:.0f} ns" for v in variants))
-        finally:
-            floor.close()
-            self.only(None)
-
-        def oh(rnd, v, kind):
-            return rnd[v][kind]["ns"] - rnd["none"][kind]["ns"]
-
-        def med(xs):
-            xs = [x for x in xs if x is not None]
-            return statistics.median(xs) if xs else None
-
-        def ratio(a_, b_):
-            return a_ / b_ if b_ and b_ > 0 else None
-
-        summary = {
-            "ns_per_call": {kind: {v: med([r[v][kind]["ns"] for r in rounds]) for v in variants}
-                            for kind in ("launch", "sync")},
-            "overhead_ns": {kind: {v: med([oh(r, v, kind) for r in rounds]) for v in variants if v != "none"}
-                            for kind in ("launch", "sync")},
-            "bpf_ns_per_run": {kind: {v: med([r[v][kind].get("bpf_ns") for r in rounds]) for v in variants
-                                      if v != "none"} for kind in ("launch", "sync")},
-            "launch_ratio_vs_entry_floor": med([ratio(oh(r, "ours", "launch"), oh(r, "floor", "launch"))
-                                                for r in rounds]),
-            "timed_ratio_vs_entry_return_floor": med([ratio(oh(r, "ours", "sync"), oh(r, "floor", "sync"))
-                                                      for r in rounds]),
-            "rounds": rounds,
-        }
-        if "proposed" in variants:
-            summary["proposed_launch_ratio_vs_entry_floor"] = med(
-                [ratio(oh(r, "proposed", "launch"), oh(r, "floor", "launch")) for r in rounds])
-            summary["proposed_timed_ratio_vs_entry_return_floor"] = med(
-                [ratio(oh(r, "proposed", "sync"), oh(r, "floor", "sync")) for r in rounds])
-        self.res["percall"] = summary
-
-    # -- 2./3. decode workloads ----------------------------------------------------------------------------------
+    # -- 1./2. decode workloads ----------------------------------------------------------------------------------
     def build_models(self) -> None:
         import torch
 
@@ -477,7 +325,7 @@ class Run:
         (the tracer attaching or detaching) one whole phase runs unmeasured: the first phase after a switch ran at
         a fraction of the speed of the next ones in the first GPU runs, traced or not (its tokens/s are kept as
         `first_tokens_per_s`)."""
-        modes = [None] + [m for m in ("ours", "proposed") if m in self.tracers]
+        modes = [None, "ours"] if "ours" in self.tracers else [None]
         rows = []
         t_start = time.monotonic()
         for i in range(self.args.pairs):
@@ -536,7 +384,7 @@ class Run:
         d = self.args.deadline_s
         return bool(d) and time.monotonic() - self.t0 + next_s > d
 
-    # -- 4. counts against an independent count ------------------------------------------------------------------
+    # -- 3. counts against an independent count ------------------------------------------------------------------
     def count_eager(self) -> None:
         torch = self.torch
         from torch.profiler import ProfilerActivity, profile
@@ -595,7 +443,6 @@ class Run:
             if "eager" not in self.skip or "count" not in self.skip:
                 self.build_eager()
                 self.eager_phase(8)
-            self.setup_driver_calls()
             self.sync()
             for t in self.tracers.values():
                 t.settle()
@@ -604,9 +451,6 @@ class Run:
             return
         if not traced:
             bl.log("no tracer: the decode phases run untraced only")
-        if "percall" not in self.skip and traced:
-            with self.step("per-call cost"):
-                self.percall()
         # The CUDA-graph part comes last and is built only now: a device-side error in it (the first attempt
         # had one) poisons the CUDA context, and must not cost the eager figures.
         if "eager" not in self.skip:
@@ -647,32 +491,16 @@ def fmt(x, f="{:.3f}"):
 def table(res: dict) -> str:
     lines = [f"otel-cuda GPU benchmark — {res.get('gpu', 'no GPU')}, {res.get('libcuda', '?')}",
              f"consumer: {res.get('consumer')}; started {res.get('started')}", ""]
-    pc = res.get("percall")
-    if pc:
-        lines.append("per call (ns)           launch   overhead   BPF body |   sync   overhead   BPF body")
-        for v, n in pc["ns_per_call"]["launch"].items():
-            s = pc["ns_per_call"]["sync"][v]
-            lines.append(f"  {v:<20} {fmt(n, '{:>7.0f}')} {fmt(pc['overhead_ns']['launch'].get(v), '{:>10.0f}')} "
-                         f"{fmt(pc['bpf_ns_per_run']['launch'].get(v), '{:>10.0f}')} | {fmt(s, '{:>6.0f}')} "
-                         f"{fmt(pc['overhead_ns']['sync'].get(v), '{:>10.0f}')} "
-                         f"{fmt(pc['bpf_ns_per_run']['sync'].get(v), '{:>10.0f}')}")
-        lines.append(f"  launch / empty entry floor {fmt(pc['launch_ratio_vs_entry_floor'])} (goal <= 1.2); "
-                     f"sync / empty entry+return floor {fmt(pc['timed_ratio_vs_entry_return_floor'])} (goal <= 1.2)")
-        if "proposed_launch_ratio_vs_entry_floor" in pc:
-            lines.append(f"  proposed: launch {fmt(pc['proposed_launch_ratio_vs_entry_floor'])}, sync "
-                         f"{fmt(pc['proposed_timed_ratio_vs_entry_return_floor'])}")
-        lines.append("")
     for name, goal in (("eager", 0.95), ("graph", 0.99)):
         r = res.get(name)
         if not r:
             continue
         lines.append(f"{name} decode: untraced {fmt(r['untraced_tokens_per_s_median'], '{:.0f}')} tok/s (median)")
-        for m in ("ours", "proposed"):
-            if f"{m}_ratio_median" in r:
-                lines.append(f"  {m:<9} {fmt(r[f'{m}_tokens_per_s_median'], '{:.0f}')} tok/s, traced/untraced "
-                             f"{fmt(r[f'{m}_ratio_median'])} (median of {len(r[f'{m}_ratios'])} pairs; goal >= "
-                             f"{goal}), named {fmt(r[f'{m}_named_share'])}, lost {r[f'{m}_lost']}, sidecar CPU "
-                             f"{fmt(r[f'{m}_sidecar_cpu_share'], '{:.2f}')} cores")
+        if "ours_ratio_median" in r:
+            lines.append(f"  ours      {fmt(r['ours_tokens_per_s_median'], '{:.0f}')} tok/s, traced/untraced "
+                         f"{fmt(r['ours_ratio_median'])} (median of {len(r['ours_ratios'])} pairs; goal >= "
+                         f"{goal}), named {fmt(r['ours_named_share'])}, lost {r['ours_lost']}, sidecar CPU "
+                         f"{fmt(r['ours_sidecar_cpu_share'], '{:.2f}')} cores")
     ce, cg = res.get("count_eager"), res.get("count_graph")
     if ce:
         lines.append(f"eager launches: captured {ce['captured_launches']} vs profiler kernels {ce['profiler_kernels']} "

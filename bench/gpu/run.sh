@@ -66,7 +66,7 @@ fi
 if want decode; then
     reserve=0; want ingest && reserve=90  # seconds kept for the ingest part
     echo "== 2. decode pairs ($(left) s left)"
-    "$py" bench/gpu/decode_bench.py --out "$out" --libcuda "$libcuda" --skip percall \
+    "$py" bench/gpu/decode_bench.py --out "$out" --libcuda "$libcuda" \
         --deadline-s $(($(left) - reserve - 15)) "$@" >"$out/gpu.log" 2>&1 || echo "decode bench: exit $?"
 fi
 if want ingest; then

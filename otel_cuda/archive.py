@@ -255,21 +255,7 @@ class Archive:
 
     def write(self, record: dict) -> None:
         """Appends one record as a JSON line. Not yet durable: see flush() and the flush_seconds guarantee."""
-        line = (_encode(record) + "\n").encode()
-        with self._lock:
-            if self._sink is None and not self._open_locked():
-                return
-            self._buf.append(line)
-            self._buf_bytes += len(line)
-            self._file_lines += 1
-            self._stats["lines_written"] += 1
-            if self._buf_bytes >= self._batch_limit:
-                try:
-                    self._drain_locked()
-                    if self._sink.size >= self.config.rotate_bytes:
-                        self._rotate_locked()
-                except OSError as e:
-                    self._write_failed_locked(e)
+        self.write_lines([_encode(record) + "\n"])
 
     def write_lines(self, lines: list[str]) -> None:
         """Appends preformatted JSON lines (each ending in a newline) under one lock: the pipeline's batch path."""

@@ -79,6 +79,10 @@ def _load(bpf_class, config: BpfConfig):
     return bpf
 
 
+def _empty_aggregate() -> dict:
+    return {"calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS}
+
+
 def _sum_launches(per_cpu) -> list[int]:
     """A `targets` value summed over CPUs: launches per slot (func - FIRST_LAUNCH_FUNC)."""
     return [sum(v.launches[i] for v in per_cpu) for i in range(events.OC_LAUNCH_FUNCS)]
@@ -215,7 +219,7 @@ class Probes:
         """(pid, func) -> summed per-CPU aggregates: calls, errors, total_ns, bytes, hist."""
         out: dict[tuple[int, int], dict] = {}
         for key, per_cpu in self._bpf["stats"].items():
-            agg = {"calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS}
+            agg = _empty_aggregate()
             for s in per_cpu:
                 agg["calls"] += s.calls
                 agg["errors"] += s.errors
@@ -229,9 +233,7 @@ class Probes:
         for pid, counts in launches.items():
             for slot, n in enumerate(counts):
                 if n:
-                    agg = out.setdefault((pid, events.FIRST_LAUNCH_FUNC + slot), {
-                        "calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS})
-                    agg["calls"] += n
+                    out.setdefault((pid, events.FIRST_LAUNCH_FUNC + slot), _empty_aggregate())["calls"] += n
         return out
 
     def live_bytes(self) -> dict[tuple[int, int], int]:

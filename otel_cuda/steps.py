@@ -78,8 +78,7 @@ class StepTracker:
             return self._launch(ev, kernel)
         step = self._open.get(ev.tid)
         if step is None and ev.type == EV_LAUNCH and not ev.nested:
-            step = self._open[ev.tid] = Step(self._next_id, ev.pid, ev.tid, ev.ts_ns)
-            self._next_id += 1
+            step = self._start(ev)
         end = ev.ts_ns + ev.dur_ns
         self._last_ns[ev.tid] = end
         if step is None:
@@ -114,10 +113,7 @@ class StepTracker:
     def _launch(self, ev: Event, kernel: str | None) -> int:
         """process() for the hot event, a kernel launch probed at entry only: no duration, no bytes, never an
         outlier (a third of the consumer's time per launch went to those checks)."""
-        step = self._open.get(ev.tid)
-        if step is None:
-            step = self._open[ev.tid] = Step(self._next_id, ev.pid, ev.tid, ev.ts_ns)
-            self._next_id += 1
+        step = self._open.get(ev.tid) or self._start(ev)
         self._last_ns[ev.tid] = ev.ts_ns
         step.calls += 1
         if ev.ts_ns > step.end_ns:
@@ -126,6 +122,12 @@ class StepTracker:
         if kernel is not None:
             step.kernels[kernel] = step.kernels.get(kernel, 0) + 1
         return step.id
+
+    def _start(self, ev: Event) -> Step:
+        """A launch on a thread with no open step opens one."""
+        step = self._open[ev.tid] = Step(self._next_id, ev.pid, ev.tid, ev.ts_ns)
+        self._next_id += 1
+        return step
 
     def _close(self, tid: int) -> None:
         step = self._open.pop(tid, None)

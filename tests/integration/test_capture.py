@@ -142,27 +142,3 @@ def test_launch_return_probes_add_duration_and_result(testbed, tmp_path):
         assert sum(launches["hist"]) == launches["calls"], "every launch has a duration"
     finally:
         lr_probes.close()
-
-
-def test_task_storage_refused_falls_back_to_the_hash_map_stash(testbed, monkeypatch):
-    """Kernels before 5.12 refuse task-local storage in uprobe programs: asked for the thread-local stash
-    (BpfConfig.thread_stash), Probes loads the hash-map stash instead, and captures every call."""
-    from otel_cuda import bpf
-    from otel_cuda.bpf import BpfConfig, Probes
-
-    real_load = bpf._load
-
-    def old_kernel_load(bpf_class, config):
-        if config.thread_stash:
-            raise Exception("cannot call helper 156 (task_storage_get)")  # what the verifier of 5.10 says
-        return real_load(bpf_class, config)
-
-    monkeypatch.setattr(bpf, "_load", old_kernel_load)
-    hash_probes = Probes(BpfConfig(thread_stash=True))
-    assert not hash_probes.config.thread_stash
-    try:
-        truth, stats = capture_all(hash_probes, "capture-hash", threads=2)
-        sync = stats["cuStreamSynchronize"]
-        assert sync["calls"] == truth["calls"]["cuStreamSynchronize"] and sum(sync["hist"]) == sync["calls"]
-    finally:
-        hash_probes.close()

@@ -210,6 +210,10 @@ def test_upstream_down_bounds_memory_counts_drops_and_recovers(upstream):
             names = sorted({s["name"].split(".")[0] for s in sink.spans()})
             # The batch that was on the wire (the first), then the newest five: oldest-first eviction.
             assert names == ["after", "b00", "b25", "b26", "b27", "b28", "b29"]
+            # The sink holds a batch before the sender has read the reply and counted it: wait for the count.
+            deadline = time.monotonic() + 5
+            while forwarder.stats().forwarded_spans < 70 and time.monotonic() < deadline:
+                time.sleep(0.005)
         stats = forwarder.stats()
         assert (stats.received_spans, stats.forwarded_spans, stats.dropped_spans) == (310, 70, 240)
         assert stats.queued_spans == stats.in_flight_spans == 0

@@ -5,7 +5,6 @@
  *   RINGBUF_PAGES   ring buffer size in pages (power of two)
  *   LAUNCH_RETURN   1 = probe launch returns too (duration + CUresult); default entry only
  *   PIDNS_DEV/INO   the sidecar's pid namespace, so pids match what it sees in /proc
- *   MAX_INFLIGHT    entries in the entry->return stash
  *   MAX_ALLOCS      live allocations tracked for free sizes
  * Events and aggregates are laid out in otel_cuda.h (the contract).
  */
@@ -19,14 +18,14 @@
 #ifndef LAUNCH_RETURN
 #define LAUNCH_RETURN 0
 #endif
-#ifndef MAX_INFLIGHT
-#define MAX_INFLIGHT 16384
-#endif
 #ifndef MAX_ALLOCS
 #define MAX_ALLOCS 262144
 #endif
 #ifndef RINGBUF_WAKE_EVERY
 #define RINGBUF_WAKE_EVERY 256 /* a power of two */
+#endif
+#ifndef THREAD_STASH
+#define THREAD_STASH 1 /* 0: the entry->return stash in a hash map (kernels without task storage for tracing) */
 #endif
 #ifndef RUNTIME_LAYER
 #define RUNTIME_LAYER 1
@@ -50,19 +49,25 @@ static __always_inline u64 ring_wake_flags(void)
     return (*n & (RINGBUF_WAKE_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
 }
 
-/* Processes to trace (key: tgid as the sidecar sees it). Uprobes fire for every process that maps the
- * probed inode, so this filter is what keeps other GPU processes on the node out. */
-BPF_HASH(targets, u32, u8, 16384);
+/* Processes to trace (key: tgid as the sidecar sees it), with their entry-only launch counts. Uprobes fire for
+ * every process that maps the probed inode, so this filter is what keeps other GPU processes on the node out.
+ *
+ * The aggregate maps here are shared by all CPUs and updated with atomic adds, and preallocated. Not per-CPU:
+ * a per-CPU map holds max_entries x CPUs values (`stats` alone would pin 600 MB on a 128-CPU node, charged to the
+ * sidecar's memory limit), and a per-CPU map that is not preallocated gets its values from a small per-CPU cache
+ * that a burst of first calls empties: the insert fails and the counts are lost (seen here on a new process). An
+ * uncontended atomic add costs a few ns; a (process, function) key is updated by that process's threads only. */
+BPF_HASH(targets, u32, struct oc_target, 16384);
 
 /* Events the ring buffer refused, per CPU (summed by user space). */
 BPF_PERCPU_ARRAY(lost, u64, 1);
 
-/* Per (pid, function) aggregates: complete even when the ring buffer overflows. Per-CPU so the hot path
- * takes no atomic. */
-BPF_PERCPU_HASH(stats, struct oc_stat_key, struct oc_stat, 16384);
+/* Per (pid, function) aggregates: complete even when the ring buffer overflows. Entry-only launches are counted
+ * in `targets` instead (the launch handler has that entry in hand: no second map update). */
+BPF_HASH(stats, struct oc_stat_key, struct oc_stat, 16384);
 
-/* Live allocation bytes per (pid, memory type); signed per-CPU deltas whose sum is the live total. */
-BPF_PERCPU_HASH(live, struct oc_live_key, s64, 4096);
+/* Live allocation bytes per (pid, memory type). */
+BPF_HASH(live, struct oc_live_key, s64, 4096);
 
 struct alloc_key {
     u32 pid;
@@ -77,23 +82,35 @@ struct alloc_val {
 /* ptr -> size, so a free knows how much it releases. */
 BPF_HASH(allocs, struct alloc_key, struct alloc_val, MAX_ALLOCS);
 
-struct inflight_key {
-    u32 tid;
+/* Entry -> return stash: what an entry saw, for its return. Thread-local storage, a few slots a thread (a runtime
+ * call and the driver call under it are both in flight on one thread), found by function: a hash map keyed by
+ * (thread, function) cost an update, a lookup and a delete per call (~45 % of a timed call's handlers). The hash
+ * map stays as the fallback: for a thread whose storage the kernel could not create at that moment (creation is
+ * refused while another BPF program on the same CPU holds the task-storage lock, e.g. one preempted inside it), and
+ * for kernels without task storage in uprobe programs (THREAD_STASH=0). */
+#define STASH_SLOTS 4
+struct stash_slot {
+    u64 ts_ns;
+    u64 args[OC_ARGS];
+    u32 grid[3]; /* launches with LAUNCH_RETURN only */
+    u32 block[3];
+    u32 shared_mem;
+    u16 func; /* 0: free */
+    u8 nested;
+    u8 in_map; /* 1: this slot is a stash_map entry */
+};
+struct stash_key {
+    u32 tid; /* the kernel's, not the namespace's: entry and return only need to agree */
     u16 func;
     u16 _pad0;
 };
-struct inflight_val {
-    u64 ts_ns;
-    u64 args[OC_ARGS];
-    u32 grid[3];  /* launches with LAUNCH_RETURN only */
-    u32 block[3];
-    u32 shared_mem;
-    u8 nested;
-    u8 _pad0[3];
+BPF_HASH(stash_map, struct stash_key, struct stash_slot, 16384);
+#if THREAD_STASH
+struct thread_stash {
+    struct stash_slot slot[STASH_SLOTS];
 };
-/* Entry -> return stash, keyed by thread and function (a runtime call and the driver call under it
- * are both in flight on one thread). */
-BPF_HASH(inflight, struct inflight_key, struct inflight_val, MAX_INFLIGHT);
+BPF_TASK_STORAGE(stashes, struct thread_stash);
+#endif
 
 /* Threads inside a probed runtime (libcudart) call: driver calls under them are marked nested. */
 BPF_HASH(in_runtime, u32, u32, 16384);
@@ -119,11 +136,17 @@ static __always_inline int current_ids(u32 *pid, u32 *tid)
     return 0;
 }
 
-static __always_inline int traced(u32 *pid, u32 *tid)
+/* The calling process's entry in `targets` (this CPU's), NULL when it is not traced. */
+static __always_inline struct oc_target *target_of(u32 *pid, u32 *tid)
 {
     if (current_ids(pid, tid))
         return 0;
-    return targets.lookup(pid) != 0;
+    return targets.lookup(pid);
+}
+
+static __always_inline int traced(u32 *pid, u32 *tid)
+{
+    return target_of(pid, tid) != 0;
 }
 
 static __always_inline void count_lost(void)
@@ -154,15 +177,16 @@ static __always_inline void account(u32 pid, u16 func, u64 dur_ns, int has_retur
     struct oc_stat *s = stats.lookup_or_try_init(&key, &zero);
     if (!s)
         return;
-    s->calls += 1;
-    s->bytes += bytes;
+    __sync_fetch_and_add(&s->calls, 1);
+    if (bytes)
+        __sync_fetch_and_add(&s->bytes, bytes);
     if (has_return) {
-        s->total_ns += dur_ns;
+        __sync_fetch_and_add(&s->total_ns, dur_ns);
         if (result != 0)
-            s->errors += 1;
+            __sync_fetch_and_add(&s->errors, 1);
         u32 b = log2_bucket(dur_ns);
         if (b < OC_HIST_BUCKETS)
-            s->hist[b] += 1;
+            __sync_fetch_and_add(&s->hist[b], 1);
     }
 }
 
@@ -172,7 +196,7 @@ static __always_inline void live_add(u32 pid, u32 mem_type, s64 delta)
     s64 zero = 0;
     s64 *v = live.lookup_or_try_init(&key, &zero);
     if (v)
-        *v += delta;
+        __sync_fetch_and_add(v, delta);
 }
 
 static __always_inline u8 nested_now(u32 tid)
@@ -244,16 +268,94 @@ static __always_inline u64 read_u64(u64 addr)
     return v;
 }
 
-/* The entry's stash for this return on this thread (NULL: the entry was not traced). `k` is its key, for the
- * caller to delete the stash once it has read it. */
-static __always_inline struct inflight_val *stash_of(u16 func, u32 *pid, u32 *tid, struct inflight_key *k)
+static __always_inline struct stash_slot *map_stash_put(u16 func)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
+    struct stash_slot fresh = {};
+    fresh.func = func;
+    fresh.in_map = 1;
+    if (stash_map.update(&k, &fresh)) { /* full: this call's return is lost */
+        count_lost();
+        return 0;
+    }
+    return stash_map.lookup(&k);
+}
+
+static __always_inline struct stash_slot *map_stash_find(u16 func)
+{
+    struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = func};
+    return stash_map.lookup(&k);
+}
+
+#if THREAD_STASH
+/* A slot of this thread's stash for an entry of `func` to fill: a free one (or one `func` left, whose return never
+ * came), else the oldest, whose return is then lost and counted so; a hash-map entry if the thread has no storage
+ * and the kernel will not create it now. */
+static __always_inline struct stash_slot *stash_put(u16 func)
+{
+    struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                                      BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!t)
+        return map_stash_put(func);
+    int pick = -1, oldest = 0;
+    u64 oldest_ts = ~0ULL;
+#pragma unroll
+    for (int i = 0; i < STASH_SLOTS; i++) {
+        u16 f = t->slot[i].func;
+        if (pick < 0 && (f == 0 || f == func))
+            pick = i;
+        if (t->slot[i].ts_ns < oldest_ts) {
+            oldest_ts = t->slot[i].ts_ns;
+            oldest = i;
+        }
+    }
+    if (pick < 0) {
+        count_lost();
+        pick = oldest;
+    }
+    if (pick < 0 || pick >= STASH_SLOTS)
+        return 0;
+    struct stash_slot *v = &t->slot[pick];
+    v->func = func;
+    v->in_map = 0;
+    return v;
+}
+
+static __always_inline struct stash_slot *stash_find(u16 func)
+{
+    struct thread_stash *t = stashes.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+    if (t) {
+#pragma unroll
+        for (int i = 0; i < STASH_SLOTS; i++)
+            if (t->slot[i].func == func)
+                return &t->slot[i];
+    }
+    return map_stash_find(func);
+}
+#else
+static __always_inline struct stash_slot *stash_put(u16 func) { return map_stash_put(func); }
+static __always_inline struct stash_slot *stash_find(u16 func) { return map_stash_find(func); }
+#endif
+
+/* The return has read its stash: the slot is free again (a hash-map entry is deleted: the pointer is invalid
+ * afterwards). */
+static __always_inline void stash_done(struct stash_slot *v)
+{
+    if (v->in_map) {
+        struct stash_key k = {.tid = (u32)bpf_get_current_pid_tgid(), .func = v->func};
+        stash_map.delete(&k);
+    } else {
+        v->func = 0;
+    }
+}
+
+/* The entry's stash for this return on this thread (NULL: the entry was not traced). The caller calls stash_done()
+ * once it has read it. */
+static __always_inline struct stash_slot *stash_of(u16 func, u32 *pid, u32 *tid)
 {
     if (current_ids(pid, tid))
         return 0;
-    k->tid = *tid;
-    k->func = func;
-    k->_pad0 = 0;
-    return inflight.lookup(k);
+    return stash_find(func);
 }
 
 /* ---- launches (entry only unless LAUNCH_RETURN) ------------------------------------------------ */
@@ -279,22 +381,26 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
                                         u32 gz, u32 bx, u32 by, u32 bz, u32 shmem)
 {
     u32 pid, tid;
-    if (!traced(&pid, &tid))
+    struct oc_target *target = target_of(&pid, &tid);
+    if (!target)
         return 0;
     u64 ts = bpf_ktime_get_ns();
     u8 nested = nested_now(tid);
 #if LAUNCH_RETURN
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val v = {.ts_ns = ts, .nested = nested};
-    v.args[0] = handle;
-    v.args[1] = stream;
-    v.grid[0] = gx; v.grid[1] = gy; v.grid[2] = gz;
-    v.block[0] = bx; v.block[1] = by; v.block[2] = bz;
-    v.shared_mem = shmem;
-    inflight.update(&k, &v);
+    struct stash_slot *v = stash_put(func);
+    if (!v)
+        return 0;
+    v->ts_ns = ts;
+    v->nested = nested;
+    v->args[0] = handle;
+    v->args[1] = stream;
+    v->grid[0] = gx; v->grid[1] = gy; v->grid[2] = gz;
+    v->block[0] = bx; v->block[1] = by; v->block[2] = bz;
+    v->shared_mem = shmem;
 #else
-    if (!nested)
-        account(pid, func, 0, 0, 0, 0);
+    u32 slot = func - OC_FN_cuLaunchKernel; /* a constant: launch_entry is inlined per function */
+    if (!nested && slot < OC_LAUNCH_FUNCS)
+        __sync_fetch_and_add(&target->launches[slot], 1);
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
@@ -312,8 +418,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
 {
 #if LAUNCH_RETURN
     u32 pid, tid;
-    struct inflight_key k;
-    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
+    struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
@@ -323,7 +428,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
-        inflight.delete(&k);
+        stash_done(v);
         return 0;
     }
     launch_fill(e, pid, tid, func, v->ts_ns, v->args[0], v->args[1], v->grid[0], v->grid[1], v->grid[2],
@@ -332,7 +437,7 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     e->dur_ns = dur;
     e->result = result;
     events.ringbuf_submit(e, ring_wake_flags());
-    inflight.delete(&k);
+    stash_done(v);
 #endif
     return 0;
 }
@@ -393,15 +498,17 @@ static __always_inline int call_entry(struct pt_regs *ctx, u16 func, u64 a0, u64
     u32 pid, tid;
     if (!traced(&pid, &tid))
         return 0;
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val v = {.ts_ns = bpf_ktime_get_ns(), .nested = nested_now(tid)};
-    v.args[0] = a0;
-    v.args[1] = a1;
-    v.args[2] = a2;
-    v.args[3] = a3;
-    v.args[4] = a4;
-    v.args[5] = a5;
-    inflight.update(&k, &v);
+    struct stash_slot *v = stash_put(func);
+    if (!v)
+        return 0;
+    v->ts_ns = bpf_ktime_get_ns();
+    v->nested = nested_now(tid);
+    v->args[0] = a0;
+    v->args[1] = a1;
+    v->args[2] = a2;
+    v->args[3] = a3;
+    v->args[4] = a4;
+    v->args[5] = a5;
     return 0;
 }
 
@@ -411,8 +518,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
                                        u32 mem_type)
 {
     u32 pid, tid;
-    struct inflight_key k;
-    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
+    struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
@@ -423,7 +529,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
         args[i] = v->args[i];
     u64 ts = v->ts_ns;
     u8 nested = v->nested;
-    inflight.delete(&k);
+    stash_done(v);
 
     u64 bytes = 0;
     if (bytes_arg >= 0 && bytes_arg < OC_ARGS)
@@ -543,14 +649,13 @@ CALL(cuCtxCreate_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_OUT_HANDLE, -1, 1
 static __always_inline int name_return(struct pt_regs *ctx, u16 func)
 {
     u32 pid, tid;
-    struct inflight_key k;
-    struct inflight_val *v = stash_of(func, &pid, &tid, &k);
+    struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
     int zero = 0;
     struct oc_name *e = name_scratch.lookup(&zero);
     if (!e) {
-        inflight.delete(&k);
+        stash_done(v);
         return 0;
     }
     s32 result = (s32)PT_REGS_RC(ctx);
@@ -567,8 +672,11 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
         e->h.flags |= OC_F_TRUNCATED;
     if (!v->nested)
         account(pid, func, e->dur_ns, 1, result, 0);
-    inflight.delete(&k);
-    if (events.ringbuf_output(e, sizeof(*e), ring_wake_flags()))
+    stash_done(v);
+    /* Wake the consumer now, not at the RINGBUF_WAKE_EVERY mark: a name cut at OC_NAME_LEN is completed from the
+     * process's memory, which must still be there when the record is read (a short-lived process could be gone
+     * by the next poll timeout). Name-giving calls are a few per kernel, at load time. */
+    if (events.ringbuf_output(e, sizeof(*e), BPF_RB_FORCE_WAKEUP))
         count_lost();
     return 0;
 }
@@ -628,9 +736,8 @@ TRACEPOINT_PROBE(task, task_newtask)
 #ifndef PIDNS_INO
     /* Without a pid namespace of our own the tracepoint's pid is ours too: select the child before it runs. */
     child = args->pid;
-    u8 one = 1;
-    targets.update(&child, &one);
-    selected = 1;
+    struct oc_target fresh = {};
+    selected = targets.update(&child, &fresh) == 0; /* else (full) the sidecar selects it when it reads the event */
 #endif
     proc_event(OC_PROC_FORK, pid, tid, child, selected);
     return 0;
@@ -646,13 +753,17 @@ static __always_inline int runtime_entry(struct pt_regs *ctx, u16 func, u64 a0, 
         return 0;
     u32 f = func;
     in_runtime.update(&tid, &f);
-    struct inflight_key k = {.tid = tid, .func = func};
-    struct inflight_val v = {.ts_ns = bpf_ktime_get_ns()};
-    v.args[0] = a0;
-    v.args[1] = a1;
-    v.args[2] = a2;
-    v.args[3] = a3;
-    inflight.update(&k, &v);
+    struct stash_slot *v = stash_put(func);
+    if (!v)
+        return 0;
+    v->ts_ns = bpf_ktime_get_ns();
+    v->nested = 0;
+    v->args[0] = a0;
+    v->args[1] = a1;
+    v->args[2] = a2;
+    v->args[3] = a3;
+    v->args[4] = 0;
+    v->args[5] = 0;
     return 0;
 }
 

@@ -85,7 +85,7 @@ struct sys_pending {
 };
 BPF_TABLE("lru_hash", u32, struct sys_pending, sys_pending, 16384);
 
-BPF_PERCPU_HASH(sys_stats, struct oc_sys_key, struct oc_sys_stat, 16384);
+BPF_HASH(sys_stats, struct oc_sys_key, struct oc_sys_stat, 16384); /* shared, atomic adds: see `targets` */
 
 /* Threads of traced processes now off CPU (kernel tid -> since when, why). */
 struct sys_offcpu_start {
@@ -96,7 +96,7 @@ struct sys_offcpu_start {
     u32 state; /* prev_state as reported */
 };
 BPF_TABLE("lru_hash", u32, struct sys_offcpu_start, sys_offcpu_start, 65536);
-BPF_PERCPU_HASH(sys_offcpu, struct oc_offcpu_key, struct oc_offcpu, 65536);
+BPF_HASH(sys_offcpu, struct oc_offcpu_key, struct oc_offcpu, 65536);
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 
@@ -112,11 +112,12 @@ static __always_inline void sys_stat_add(u32 pid, u16 func, u16 kind, int err, u
     struct oc_sys_stat *s = sys_stats.lookup_or_try_init(&k, &zero);
     if (!s)
         return;
-    s->calls += 1;
+    __sync_fetch_and_add(&s->calls, 1);
     if (err)
-        s->errors += 1;
-    s->bytes += bytes;
-    s->ns += ns;
+        __sync_fetch_and_add(&s->errors, 1);
+    if (bytes)
+        __sync_fetch_and_add(&s->bytes, bytes);
+    __sync_fetch_and_add(&s->ns, ns);
 }
 
 /* path: kernel memory (a map value) or 0 for none. */
@@ -506,7 +507,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         struct oc_offcpu_key k = {.pid = st.pid, .tid = st.tid, .cls = st.cls};
         struct oc_offcpu zero = {};
         struct oc_offcpu *agg = sys_offcpu.lookup_or_try_init(&k, &zero);
-        if (agg) {
+        if (agg) { /* one thread's key: only its own switches update it, so no atomic is needed */
             agg->ns += delta;
             agg->count += 1;
         }

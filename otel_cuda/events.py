@@ -86,6 +86,14 @@ class Proc(ct.Structure):
     _fields_ = [("h", Header), ("child_pid", ct.c_uint32), ("selected", ct.c_uint8), ("_pad0", ct.c_uint8 * 3)]
 
 
+OC_LAUNCH_FUNCS = 4  # launch functions counted in `targets`: func ids 1..4 (cuLaunchKernel .. cuGraphLaunch)
+FIRST_LAUNCH_FUNC = 1  # OC_FN_cuLaunchKernel
+
+
+class Target(ct.Structure):
+    _fields_ = [("launches", ct.c_uint64 * OC_LAUNCH_FUNCS)]
+
+
 class StatKey(ct.Structure):
     _fields_ = [("pid", ct.c_uint32), ("func", ct.c_uint16), ("_pad0", ct.c_uint16)]
 

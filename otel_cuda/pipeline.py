@@ -124,6 +124,8 @@ class Pipeline:
         self._archiving = getattr(archive, "enabled", True)
         self.ready = threading.Event()
         self._stopped = False
+        self._exits: list[ProcInfo] = []  # gone processes whose state the consumer has yet to retire
+        self._exits_lock = threading.Lock()
 
     # -- discovery callbacks ------------------------------------------------------------------------------
     def on_select(self, info: ProcInfo) -> None:
@@ -132,11 +134,23 @@ class Pipeline:
         self.observer.on_process(info)
 
     def on_exit(self, info: ProcInfo) -> None:
+        """Discovery's thread: stop tracing now; forget the process's names and steps only once the consumer has
+        read what it left in the ring buffer (its last launches still need their kernel names)."""
         self.probes.deselect(info.pid)
-        self.steps.forget_process(info.pid)
-        self.names.forget(info.pid)
         log.info("process %d exited", info.pid)
-        self.observer.on_process_exit(info)
+        with self._exits_lock:
+            self._exits.append(info)
+
+    def _take_exits(self) -> list[ProcInfo]:
+        with self._exits_lock:
+            exits, self._exits = self._exits, []
+        return exits
+
+    def _retire(self, exits: list[ProcInfo]) -> None:
+        for info in exits:
+            self.steps.forget_process(info.pid)
+            self.names.forget(info.pid)
+            self.observer.on_process_exit(info)
 
     def on_library(self, lib: Library) -> None:
         try:
@@ -251,12 +265,15 @@ class Pipeline:
         try:
             while not stop.is_set():
                 now = time.monotonic_ns()
+                exits = self._take_exits()  # gone before this read, so everything they wrote is read by it
                 self.reader.pump(self.reader.poll_ms)
+                self._retire(exits)
                 self.steps.tick(now)
                 self.observer.on_idle(now)
         finally:
             discovery.join(timeout=5)
             self.reader.drain()
+            self._retire(self._take_exits())
             self.steps.close_all()
             self.observer.on_idle(time.monotonic_ns())
 
@@ -278,6 +295,7 @@ class Pipeline:
             "api_time_s": {k: v / 1e9 for k, v in t.dur_ns.items()},
             "steps": t.steps,
             "lost_ringbuf": self.probes.lost(),
+            "skipped_by_kernel": self.probes.skipped_runs(),
             "decode_errors": self.reader.counters.decode_errors,
             "dropped_queue": t.dropped_queue,
             "archived": t.archived,
@@ -286,6 +304,7 @@ class Pipeline:
             "launches_unknown_by_function": {probe_table.BY_ID[f].symbol: n
                                              for f, n in self.names.unknown_by_func.items()},
             "kernel_names_resolved": self.names.resolved_fraction,
+            "kernel_names_truncated": self.names.names_truncated,
             "processes": self.discovery.counters.processes_seen,
             "archive": self.archive.stats(),
         }

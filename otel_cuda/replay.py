@@ -63,6 +63,9 @@ class RecordedMaps:
     def lost(self) -> int:
         return 0
 
+    def skipped_runs(self) -> int:
+        return 0
+
 
 class RecordedClock:
     """The monotonic->epoch offset the live sidecar used, read off each record (ts - mono_ns)."""

@@ -436,22 +436,16 @@ class SystemView:
         """(pid, sys kind, file kind) -> calls, errors, bytes, ns (kernel, with gone processes' last totals)."""
         out = dict(self._retired_stats)
         table = self._table("sys_stats")
-        for key, per_cpu in (table.items() if table is not None else ()):
-            agg = {"calls": 0, "errors": 0, "bytes": 0, "ns": 0}
-            for v in per_cpu:
-                agg["calls"] += v.calls
-                agg["errors"] += v.errors
-                agg["bytes"] += v.bytes
-                agg["ns"] += v.ns
-            out[(key.pid, key.func, key.file_kind)] = agg
+        for key, v in (table.items() if table is not None else ()):
+            out[(key.pid, key.func, key.file_kind)] = {"calls": v.calls, "errors": v.errors, "bytes": v.bytes, "ns": v.ns}
         return out
 
     def _offcpu(self) -> dict[tuple, dict]:
         """(pid, tid, class) -> ns, count."""
         out = dict(self._retired_offcpu)
         table = self._table("sys_offcpu")
-        for key, per_cpu in (table.items() if table is not None else ()):
-            out[(key.pid, key.tid, key.cls)] = {"ns": sum(v.ns for v in per_cpu), "count": sum(v.count for v in per_cpu)}
+        for key, v in (table.items() if table is not None else ()):
+            out[(key.pid, key.tid, key.cls)] = {"ns": v.ns, "count": v.count}
         return out
 
     def _retire(self, pid: int) -> None:

@@ -71,7 +71,15 @@ def test_promql_returns_the_call_counts(probes, prometheus):
         assert got == want
         launches = promql(port, f'sum(cuda_kernel_launches_total{{process_pid="{pid}",cuda_launch_type!="graph"}})')
         assert list(launches.values()) == [float(sum(truth["launches_by_kernel"].values()))]
-        events = promql(port, 'otel_cuda_events_total{outcome="lost_ringbuf"}')
-        assert list(events.values()) == [0.0]
+        events = promql(port, 'otel_cuda_events_total{outcome=~"lost_ringbuf|skipped_by_kernel"}')
+        assert list(events.values()) == [0.0, 0.0]
+        want_named = {"named": float(sum(truth["launches_by_kernel"].values())), "unknown": 0.0}
+        named = {}
+        deadline = time.time() + 10  # counted as the events are read, which may trail the kernel's aggregates
+        while named != want_named and time.time() < deadline:
+            named = {json.loads(k)["outcome"]: v for k, v in
+                     promql(port, "sum by (outcome) (otel_cuda_launches_total)").items()}
+            time.sleep(0.5)
+        assert named == want_named
     finally:
         sidecar.stop()

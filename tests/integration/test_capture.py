@@ -42,7 +42,9 @@ def test_multithreaded_workload_started_after_the_sidecar(probes, tmp_path):
     got = captured(sidecar.pipeline, pid)
     assert got == {f: n for f, n in truth["calls"].items() if n}, "captured calls differ from the workload's own count"
     assert summary["lost_ringbuf"] == 0 and summary["dropped_queue"] == 0 and summary["decode_errors"] == 0
-    assert sidecar.pipeline.names.launches_unknown == 0
+    assert summary["skipped_by_kernel"] == 0
+    # every name is whole, the long ones (over the record's 256 bytes) completed from the process's memory
+    assert summary["launches_unknown"] == 0 and summary["kernel_names_truncated"] == 0
 
     # every line of the archive is a valid record; their count is what was captured
     import gzip
@@ -142,3 +144,48 @@ def test_launch_return_probes_add_duration_and_result(testbed, tmp_path):
         assert sum(launches["hist"]) == launches["calls"], "every launch has a duration"
     finally:
         lr_probes.close()
+
+
+def test_task_storage_refused_falls_back_to_the_hash_map_stash(testbed, monkeypatch):
+    """Kernels before 5.12 refuse task-local storage in uprobe programs: asked for the thread-local stash
+    (BpfConfig.thread_stash), Probes loads the hash-map stash instead, and captures every call."""
+    from otel_cuda import bpf
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    real_load = bpf._load
+
+    def old_kernel_load(bpf_class, config):
+        if config.thread_stash:
+            raise Exception("cannot call helper 156 (task_storage_get)")  # what the verifier of 5.10 says
+        return real_load(bpf_class, config)
+
+    monkeypatch.setattr(bpf, "_load", old_kernel_load)
+    hash_probes = Probes(BpfConfig(thread_stash=True))
+    assert not hash_probes.config.thread_stash
+    try:
+        truth, stats = capture_all(hash_probes, "capture-hash", threads=2)
+        sync = stats["cuStreamSynchronize"]
+        assert sync["calls"] == truth["calls"]["cuStreamSynchronize"] and sum(sync["hist"]) == sync["calls"]
+    finally:
+        hash_probes.close()
+
+
+def test_kernel_map_memory_does_not_grow_with_the_node_cpu_count(probes):
+    """The maps are charged to the sidecar's memory limit (memory cgroup, Linux >= 5.11): what the chart's limit
+    holds on this 2-CPU machine must hold on a 256-CPU GPU node. Per-CPU maps hold max_entries values per CPU."""
+    per_cpu_types = {5, 6, 10}  # BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
+    cpus = os.cpu_count()
+    projected = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                info = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if "map_type" not in info:
+            continue
+        projected += int(info["memlock"])
+        if int(info["map_type"]) in per_cpu_types:
+            value = (int(info["value_size"]) + 7) // 8 * 8
+            projected += int(info["max_entries"]) * value * (256 - cpus)
+    assert 10 << 20 < projected <= 128 << 20, f"{projected / 2**20:.0f} MiB of BPF maps on a 256-CPU node"

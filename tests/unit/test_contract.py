@@ -17,6 +17,7 @@ STRUCTS = {
     "oc_name": events.Name,
     "oc_sys": events.Sys,
     "oc_proc": events.Proc,
+    "oc_target": events.Target,
     "oc_stat_key": events.StatKey,
     "oc_stat": events.Stat,
     "oc_live_key": events.LiveKey,
@@ -76,3 +77,12 @@ def test_every_probe_has_handlers_in_the_bpf_program():
         macro = re.search(rf"(CALL|RUNTIME)\({p.symbol},", src)
         assert macro or f"entry_{p.symbol}(" in src, p.symbol
         assert macro or f"return_{p.symbol}(" in src, p.symbol
+
+
+def test_launch_counts_in_targets_cover_exactly_the_launch_functions():
+    text = HEADER.read_text()
+    assert int(re.search(r"#define OC_LAUNCH_FUNCS (\d+)", text).group(1)) == events.OC_LAUNCH_FUNCS
+    launches = sorted(p.func_id for p in probes.PROBES if p.symbol in ("cuLaunchKernel", "cuLaunchKernelEx",
+                                                                       "cuLaunchCooperativeKernel", "cuGraphLaunch"))
+    # launch_entry() indexes oc_target.launches with func - OC_FN_cuLaunchKernel
+    assert launches == list(range(events.FIRST_LAUNCH_FUNC, events.FIRST_LAUNCH_FUNC + events.OC_LAUNCH_FUNCS))

@@ -72,15 +72,12 @@ class Maps:
     def table(self, name):
         return self.tables[name]
 
-    def stat(self, pid, kind, file_kind, calls=0, errors=0, nbytes=0, ns=0, cpus=2):
-        # split over per-CPU values as the kernel keeps them
-        per = [SimpleNamespace(calls=calls, errors=errors, bytes=nbytes, ns=ns)] + \
-              [SimpleNamespace(calls=0, errors=0, bytes=0, ns=0)] * (cpus - 1)
-        self.tables["sys_stats"][StatKey(pid, S[kind], file_kind)] = per
+    def stat(self, pid, kind, file_kind, calls=0, errors=0, nbytes=0, ns=0):
+        self.tables["sys_stats"][StatKey(pid, S[kind], file_kind)] = SimpleNamespace(calls=calls, errors=errors,
+                                                                                     bytes=nbytes, ns=ns)
 
     def off(self, pid, tid, cls, ns, count):
-        self.tables["sys_offcpu"][OffKey(pid, tid, cls)] = [SimpleNamespace(ns=ns // 2, count=count),
-                                                           SimpleNamespace(ns=ns - ns // 2, count=0)]
+        self.tables["sys_offcpu"][OffKey(pid, tid, cls)] = SimpleNamespace(ns=ns, count=count)
 
 
 @pytest.fixture

@@ -59,8 +59,8 @@ static __always_inline u64 ring_wake_flags(void)
  * uncontended atomic add costs a few ns; a (process, function) key is updated by that process's threads only. */
 BPF_HASH(targets, u32, struct oc_target, 16384);
 
-/* Events the ring buffer refused, per CPU (summed by user space). */
-BPF_PERCPU_ARRAY(lost, u64, 1);
+/* What the kernel side could not keep, per CPU and enum oc_lost slot (summed by user space). */
+BPF_PERCPU_ARRAY(lost, u64, OC_LOST_SLOTS);
 
 /* Per (pid, function) aggregates: complete even when the ring buffer overflows. Entry-only launches are counted
  * in `targets` instead (the launch handler has that entry in hand: no second map update). */
@@ -149,13 +149,18 @@ static __always_inline int traced(u32 *pid, u32 *tid)
     return target_of(pid, tid) != 0;
 }
 
-static __always_inline void count_lost(void)
+static __always_inline void count_lost_in(int slot)
 {
-    int zero = 0;
-    u64 *n = lost.lookup(&zero);
+    u64 *n = lost.lookup(&slot);
     if (n)
         *n += 1;
 }
+
+/* A record the ring buffer refused. */
+static __always_inline void count_lost(void) { count_lost_in(OC_LOST_RINGBUF); }
+
+/* A kernel table was full (or could not allocate): what its entry would have held is missing. */
+static __always_inline void count_table_full(void) { count_lost_in(OC_LOST_TABLE); }
 
 static __always_inline u32 log2_bucket(u64 v)
 {
@@ -175,8 +180,10 @@ static __always_inline void account(u32 pid, u16 func, u64 dur_ns, int has_retur
     struct oc_stat_key key = {.pid = pid, .func = func};
     struct oc_stat zero = {};
     struct oc_stat *s = stats.lookup_or_try_init(&key, &zero);
-    if (!s)
+    if (!s) {
+        count_table_full();
         return;
+    }
     __sync_fetch_and_add(&s->calls, 1);
     if (bytes)
         __sync_fetch_and_add(&s->bytes, bytes);
@@ -197,6 +204,8 @@ static __always_inline void live_add(u32 pid, u32 mem_type, s64 delta)
     s64 *v = live.lookup_or_try_init(&key, &zero);
     if (v)
         __sync_fetch_and_add(v, delta);
+    else
+        count_table_full();
 }
 
 static __always_inline u8 nested_now(u32 tid)
@@ -275,7 +284,7 @@ static __always_inline struct stash_slot *map_stash_put(u16 func)
     fresh.func = func;
     fresh.in_map = 1;
     if (stash_map.update(&k, &fresh)) { /* full: this call's return is lost */
-        count_lost();
+        count_table_full();
         return 0;
     }
     return stash_map.lookup(&k);
@@ -542,8 +551,10 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
         if (result == 0 && args[0]) {
             struct alloc_key ak = {.pid = pid, .ptr = args[0]};
             struct alloc_val av = {.bytes = bytes, .mem_type = mem_type};
-            allocs.update(&ak, &av);
-            live_add(pid, mem_type, (s64)bytes);
+            if (allocs.update(&ak, &av)) /* full: left out of the live total, which its free could not undo */
+                count_table_full();
+            else
+                live_add(pid, mem_type, (s64)bytes);
         } else {
             bytes = 0;
         }

@@ -30,6 +30,14 @@ enum oc_layer {
     OC_LAYER_RUNTIME = 1, /* libcudart */
 };
 
+/* Slots of the `lost` per-CPU counters: what the kernel side could not keep. */
+enum oc_lost {
+    OC_LOST_RINGBUF = 0, /* a record the ring buffer refused (full) */
+    OC_LOST_TABLE = 1,   /* a kernel table was full: an aggregate, a live allocation, an entry->return pair or a
+                            tracked file is missing */
+    OC_LOST_SLOTS = 2,
+};
+
 enum oc_flags {
     OC_F_RETURN = 1,    /* the return was probed: dur_ns and result are valid */
     OC_F_NESTED = 2,    /* a driver call made inside a probed runtime call on the same thread */

@@ -2,7 +2,8 @@
  * and off-CPU time of the traced processes (BCC dialect, syscall and sched tracepoints).
  *
  * Compiled after cuda_probes.bpf.c into the same program (BpfConfig.extra_sources), so it shares `targets`,
- * traced()/current_ids(), the `events` ring buffer and count_lost(). Every handler filters in the kernel: an
+ * traced()/current_ids(), the `events` ring buffer, count_lost() and count_table_full(). Every handler filters in
+ * the kernel: an
  * untraced process costs one pid lookup per syscall of the probed kinds, and two hash lookups per context switch.
  *
  * Aggregates (complete even when the ring buffer overflows) are in sys_stats (calls, errors, bytes, time per
@@ -110,8 +111,10 @@ static __always_inline void sys_stat_add(u32 pid, u16 func, u16 kind, int err, u
     struct oc_sys_key k = {.pid = pid, .func = func, .file_kind = kind};
     struct oc_sys_stat zero = {};
     struct oc_sys_stat *s = sys_stats.lookup_or_try_init(&k, &zero);
-    if (!s)
+    if (!s) {
+        count_table_full();
         return;
+    }
     __sync_fetch_and_add(&s->calls, 1);
     if (err)
         __sync_fetch_and_add(&s->errors, 1);
@@ -301,7 +304,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
     sys_stat_add(c.pid, OC_SYS_OPENAT, kind, ret < 0, 0, now - c.ts);
     if (ret >= 0) {
         struct sys_fd_key k = {.pid = c.pid, .fd = (u32)ret};
-        sys_fds.update(&k, f);
+        if (sys_fds.update(&k, f)) /* full: this file's reads and mmaps go untracked */
+            count_table_full();
     }
     sys_emit(kind == OC_FILE_DEVICE ? OC_SYS_DEVICE_OPEN : OC_SYS_OPENAT, c.pid, c.tid, c.ts, now - c.ts, ret,
              (u64)ret, c.a[1], kind, c.a[2], f->path);
@@ -422,7 +426,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
     m->len = c.a[1];
     m->kind = kind;
     struct sys_map_key mk = {.pid = c.pid, .addr = (u64)ret};
-    sys_maps.update(&mk, m);
+    if (sys_maps.update(&mk, m))
+        count_table_full();
     sys_emit(OC_SYS_MMAP, c.pid, c.tid, c.ts, now - c.ts, ret, fd, c.a[1], kind, (c.a[2] & 0xffffffff) | (c.a[3] << 32),
              m->path);
     return 0;
@@ -459,7 +464,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_munmap)
             bpf_probe_read_kernel(rest, sizeof(*rest), m);
             rest->len -= len;
             struct sys_map_key rk = {.pid = c.pid, .addr = c.a[0] + len};
-            sys_maps.update(&rk, rest);
+            if (sys_maps.update(&rk, rest))
+                count_table_full();
         }
     }
     sys_maps.delete(&mk);
@@ -510,6 +516,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
         if (agg) { /* one thread's key: only its own switches update it, so no atomic is needed */
             agg->ns += delta;
             agg->count += 1;
+        } else {
+            count_table_full();
         }
         if (delta >= OFFCPU_EVENT_NS || (st.cls == OC_OFFCPU_IO && delta >= OFFCPU_IO_EVENT_NS))
             sys_emit(OC_SYS_OFFCPU, st.pid, st.tid, st.ts, delta, 0, st.cls, st.state, 0, 0, 0);

@@ -219,7 +219,12 @@ class Probes:
         return total
 
     def lost(self) -> int:
-        return sum(self._bpf["lost"][ct.c_int(0)])
+        """Records the ring buffer refused."""
+        return sum(self._bpf["lost"][ct.c_int(events.LOST_RINGBUF)])
+
+    def table_full(self) -> int:
+        """Entries a full kernel table refused: aggregates, live allocations, entry->return pairs, tracked files."""
+        return sum(self._bpf["lost"][ct.c_int(events.LOST_TABLE)])
 
     def stats(self) -> dict[tuple[int, int], dict]:
         """(pid, func) -> aggregates: calls, errors, total_ns, bytes, hist."""

@@ -20,6 +20,7 @@ EV_CALL, EV_LAUNCH, EV_NAME, EV_SYS, EV_PROC = 1, 2, 3, 4, 5
 PROC_EXEC, PROC_FORK = 1, 2
 LAYER_DRIVER, LAYER_RUNTIME = 0, 1
 F_RETURN, F_NESTED, F_TRUNCATED = 1, 2, 4
+LOST_RINGBUF, LOST_TABLE = 0, 1  # slots of the kernel's `lost` counters (enum oc_lost)
 
 
 class Header(ct.Structure):

@@ -296,6 +296,7 @@ class Pipeline:
             "steps": t.steps,
             "lost_ringbuf": self.probes.lost(),
             "skipped_by_kernel": self.probes.skipped_runs(),
+            "lost_table_full": self.probes.table_full(),
             "decode_errors": self.reader.counters.decode_errors,
             "dropped_queue": t.dropped_queue,
             "archived": t.archived,

@@ -66,6 +66,9 @@ class RecordedMaps:
     def skipped_runs(self) -> int:
         return 0
 
+    def table_full(self) -> int:
+        return 0
+
 
 class RecordedClock:
     """The monotonic->epoch offset the live sidecar used, read off each record (ts - mono_ns)."""

@@ -175,7 +175,8 @@ class SelfMetrics:
     # (instrument, group of self_counts() it reads, unit, description); each group is {outcome: count}
     BY_OUTCOME = (
         ("otel_cuda.events", "events", "{event}",
-         "Events by outcome: processed, lost_ringbuf, skipped_by_kernel, dropped_queue, decode_error"),
+         "Events by outcome: processed, lost_ringbuf, lost_table_full, skipped_by_kernel, dropped_queue, "
+         "decode_error"),
         ("otel_cuda.launches", "launch_names", "{launch}", "Launches by kernel name: named, unknown"),
         ("otel_cuda.archive.records", "archive", "{record}", "Archive records by outcome: written, dropped_<reason>"),
         ("otel_cuda.archive.uploads", "archive_uploads", "{file}", "Archive files uploaded to S3 and failed upload attempts"),
@@ -294,7 +295,8 @@ class Telemetry:
         if self.pipeline is not None:
             p = self.pipeline
             out["events"] = {"processed": sum(p.totals.calls.values()), "lost_ringbuf": p.probes.lost(),
-                             "skipped_by_kernel": p.probes.skipped_runs(), "dropped_queue": p.totals.dropped_queue,
+                             "skipped_by_kernel": p.probes.skipped_runs(),
+                             "lost_table_full": p.probes.table_full(), "dropped_queue": p.totals.dropped_queue,
                              "decode_error": p.reader.counters.decode_errors}
             out["launch_names"] = {"named": p.names.launches_named, "unknown": p.names.launches_unknown}
             out["kernel_names_truncated"] = p.names.names_truncated

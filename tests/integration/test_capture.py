@@ -42,7 +42,7 @@ def test_multithreaded_workload_started_after_the_sidecar(probes, tmp_path):
     got = captured(sidecar.pipeline, pid)
     assert got == {f: n for f, n in truth["calls"].items() if n}, "captured calls differ from the workload's own count"
     assert summary["lost_ringbuf"] == 0 and summary["dropped_queue"] == 0 and summary["decode_errors"] == 0
-    assert summary["skipped_by_kernel"] == 0
+    assert summary["skipped_by_kernel"] == 0 and summary["lost_table_full"] == 0
     # every name is whole, the long ones (over the record's 256 bytes) completed from the process's memory
     assert summary["launches_unknown"] == 0 and summary["kernel_names_truncated"] == 0
 
@@ -189,3 +189,22 @@ def test_kernel_map_memory_does_not_grow_with_the_node_cpu_count(probes):
             value = (int(info["value_size"]) + 7) // 8 * 8
             projected += int(info["max_entries"]) * value * (256 - cpus)
     assert 10 << 20 < projected <= 128 << 20, f"{projected / 2**20:.0f} MiB of BPF maps on a 256-CPU node"
+
+
+def test_a_full_kernel_table_is_counted_and_keeps_live_memory_consistent(testbed):
+    """Allocations beyond the allocation table's size (BpfConfig.max_allocs) are counted as lost_table_full, and
+    left out of the live total, so their frees do not leave it wrong."""
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    small = Probes(BpfConfig(max_allocs=2))
+    try:
+        truth, _ = capture_all(small, "capture-full", threads=1)
+        allocs = ("cuMemAlloc_v2", "cuMemAllocAsync", "cuMemAllocManaged", "cuMemAllocHost_v2", "cuMemHostAlloc",
+                  "cuMemCreate")
+        succeeded = sum(truth["calls"][f] - sum(truth["error_codes"].get(f, {}).values()) for f in allocs)
+        assert succeeded > 2
+        assert small.table_full() == succeeded - 2  # all of one thread's allocations are live at once
+        assert small.lost() == 0
+        assert all(v == 0 for (pid, _), v in small.live_bytes().items() if pid == truth["pid"])
+    finally:
+        small.close()

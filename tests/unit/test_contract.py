@@ -64,6 +64,12 @@ def test_decode_formats_cover_whole_structs():
     }
 
 
+def test_lost_slots_match_header_enum():
+    text = HEADER.read_text()
+    slots = {m.group(1): int(m.group(2)) for m in re.finditer(r"OC_LOST_(\w+)\s*=\s*(\d+)", text)}
+    assert slots == {"RINGBUF": events.LOST_RINGBUF, "TABLE": events.LOST_TABLE, "SLOTS": 2}
+
+
 def test_function_ids_match_header_enum():
     text = HEADER.read_text()
     enum = {m.group(1): int(m.group(2)) for m in re.finditer(r"OC_FN_(\w+)\s*=\s*(\d+)", text)}

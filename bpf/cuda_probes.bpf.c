@@ -136,7 +136,7 @@ static __always_inline int current_ids(u32 *pid, u32 *tid)
     return 0;
 }
 
-/* The calling process's entry in `targets` (this CPU's), NULL when it is not traced. */
+/* The calling process's entry in `targets`, NULL when it is not traced. */
 static __always_inline struct oc_target *target_of(u32 *pid, u32 *tid)
 {
     if (current_ids(pid, tid))
@@ -319,7 +319,7 @@ static __always_inline struct stash_slot *stash_put(u16 func)
         }
     }
     if (pick < 0) {
-        count_lost();
+        count_table_full(); /* every slot taken: the oldest entry's return is lost */
         pick = oldest;
     }
     if (pick < 0 || pick >= STASH_SLOTS)

@@ -202,7 +202,7 @@ struct oc_sys {
 
 /* In-kernel aggregates (read by user space, never cleared by it). */
 
-/* The value of `targets` (pid -> this, per CPU): being there selects the process; the counts are its entry-only
+/* The value of `targets` (pid -> this): being there selects the process; the counts are its entry-only
  * launches, kept here because the launch handler has this entry in hand already (a second map update per launch,
  * in `stats`, cost ~10 % of the handler). Index: func - OC_FN_cuLaunchKernel. */
 #define OC_LAUNCH_FUNCS 4 /* OC_FN_cuLaunchKernel .. OC_FN_cuGraphLaunch */

@@ -233,7 +233,9 @@ class Probes:
                                   "hist": list(s.hist)}
             for key, s in self._bpf["stats"].items()}
         launches = dict(self._deselected_launches)
-        launches.update((key.value, list(target.launches)) for key, target in self._bpf["targets"].items())
+        for key, target in self._bpf["targets"].items():  # a pid selected again adds to what it had
+            before = launches.get(key.value, [0] * events.OC_LAUNCH_FUNCS)
+            launches[key.value] = [a + b for a, b in zip(before, target.launches)]
         for pid, counts in launches.items():
             for slot, n in enumerate(counts):
                 if n:
@@ -248,12 +250,13 @@ class Probes:
         """Another map of the program (the system probes keep their own)."""
         return self._bpf[name]
 
-    def forget_process(self, pid: int) -> None:
-        """Drop a gone process's per-process map entries so the maps do not fill over restarts."""
-        self._deselected_launches.pop(pid, None)
+    def forget_processes(self, pids: set[int]) -> None:
+        """Drop gone processes' map entries so the maps do not fill over restarts (one pass over each map)."""
+        for pid in pids:
+            self._deselected_launches.pop(pid, None)
         for name in ("stats", "live", "allocs"):
             table = self._bpf[name]
-            for key in [k for k in table.keys() if k.pid == pid]:
+            for key in [k for k in table.keys() if k.pid in pids]:
                 try:
                     del table[key]
                 except KeyError:

@@ -99,7 +99,7 @@ def render_summary(s: dict) -> str:
         f"otel-cuda: {sum(calls.values())} calls from {s['processes']} process(es), {s['steps']} steps, "
         f"{api * 1e3:.1f} ms in API calls with a probed return",
         "  top: " + ", ".join(f"{k} {v}" for k, v in top),
-        f"  lost in ring buffer {s['lost_ringbuf']}, to full kernel tables {s['lost_table_full']}, "
+        f"  lost in ring buffer {s['lost_ringbuf']}, refused by full kernel tables {s['kernel_table_full']}, "
         f"skipped by the kernel {s['skipped_by_kernel']}, "
         f"dropped {s['dropped_queue']}, decode errors {s['decode_errors']}, "
         f"unnamed launches {s['launches_unknown']} (named {s['kernel_names_resolved']:.1%}), archived {s['archived']}",

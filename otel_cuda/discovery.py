@@ -188,6 +188,10 @@ class Discovery:
             raise SelectionError(f"process {listed} maps no libcuda.so — pick the process that makes CUDA calls "
                                  "(vLLM: the EngineCore or a worker, not the API server)")
 
+    def tracked_pids(self) -> set[int]:
+        """For other threads, without the lock a scan holds: set() of a dict of ints is one step under the GIL."""
+        return set(self._tracked)
+
     @property
     def tracked(self) -> dict[int, ProcInfo]:
         return {pid: t.info for pid, t in self._tracked.items()}

@@ -124,20 +124,29 @@ class Pipeline:
         self._archiving = getattr(archive, "enabled", True)
         self.ready = threading.Event()
         self._stopped = False
-        self._exits: list[ProcInfo] = []  # gone processes whose state the consumer has yet to retire
+        self._exits: list[ProcInfo] = []  # gone processes whose names and steps the consumer has yet to forget
         self._exits_lock = threading.Lock()
+        # A gone process's kernel aggregates are deleted this long after its exit (its totals were kept by the
+        # observer at exit), so the maps do not fill over restarts; until then its counts can still be read.
+        self.kernel_entry_grace_s = 60.0
+        self._kernel_entries_due: dict[int, float] = {}  # pid -> when its kernel entries go (consumer thread)
 
     # -- discovery callbacks ------------------------------------------------------------------------------
     def on_select(self, info: ProcInfo) -> None:
+        with self._exits_lock:  # a pid reused before the consumer forgot its last owner: forget it now
+            reused = [e for e in self._exits if e.pid == info.pid]
+            self._exits = [e for e in self._exits if e.pid != info.pid]
+        self._forget(reused)
         self.probes.select(info.pid)
         log.info("tracing process %d: %s", info.pid, info.cmdline[:120])
         self.observer.on_process(info)
 
     def on_exit(self, info: ProcInfo) -> None:
-        """Discovery's thread: stop tracing now; forget the process's names and steps only once the consumer has
-        read what it left in the ring buffer (its last launches still need their kernel names)."""
+        """Discovery's thread: stop tracing and keep the process's totals now; forget its kernel names and steps
+        only once the consumer has read what it left in the ring buffer (its last launches still need names)."""
         self.probes.deselect(info.pid)
         log.info("process %d exited", info.pid)
+        self.observer.on_process_exit(info)
         with self._exits_lock:
             self._exits.append(info)
 
@@ -146,11 +155,26 @@ class Pipeline:
             exits, self._exits = self._exits, []
         return exits
 
-    def _retire(self, exits: list[ProcInfo]) -> None:
+    def _forget(self, exits: list[ProcInfo]) -> None:
         for info in exits:
             self.steps.forget_process(info.pid)
             self.names.forget(info.pid)
-            self.observer.on_process_exit(info)
+            self._kernel_entries_due[info.pid] = time.monotonic() + self.kernel_entry_grace_s
+
+    def _free_kernel_entries(self) -> None:
+        now = time.monotonic()
+        due = {pid for pid, t in self._kernel_entries_due.items() if t <= now}
+        if not due:
+            return
+        for pid in due:
+            del self._kernel_entries_due[pid]
+        # a pid traced again meanwhile owns its entries now (they add up across both: counters stay monotonic)
+        due -= self.discovery.tracked_pids()
+        if due:
+            try:
+                self.probes.forget_processes(due)
+            except Exception:  # noqa: BLE001 - the maps fill sooner; the consumer must go on
+                log.exception("could not free the kernel entries of gone processes %s", sorted(due))
 
     def on_library(self, lib: Library) -> None:
         try:
@@ -262,18 +286,21 @@ class Pipeline:
         discovery = threading.Thread(target=self.discovery.run, args=(stop,), name="discovery", daemon=True)
         discovery.start()
         self.ready.set()
+        exits: list[ProcInfo] = []
         try:
             while not stop.is_set():
                 now = time.monotonic_ns()
                 exits = self._take_exits()  # gone before this read, so everything they wrote is read by it
                 self.reader.pump(self.reader.poll_ms)
-                self._retire(exits)
+                self._forget(exits)
+                exits = []
+                self._free_kernel_entries()
                 self.steps.tick(now)
                 self.observer.on_idle(now)
         finally:
             discovery.join(timeout=5)
             self.reader.drain()
-            self._retire(self._take_exits())
+            self._forget(exits + self._take_exits())
             self.steps.close_all()
             self.observer.on_idle(time.monotonic_ns())
 
@@ -296,7 +323,7 @@ class Pipeline:
             "steps": t.steps,
             "lost_ringbuf": self.probes.lost(),
             "skipped_by_kernel": self.probes.skipped_runs(),
-            "lost_table_full": self.probes.table_full(),
+            "kernel_table_full": self.probes.table_full(),
             "decode_errors": self.reader.counters.decode_errors,
             "dropped_queue": t.dropped_queue,
             "archived": t.archived,

@@ -175,8 +175,7 @@ class SelfMetrics:
     # (instrument, group of self_counts() it reads, unit, description); each group is {outcome: count}
     BY_OUTCOME = (
         ("otel_cuda.events", "events", "{event}",
-         "Events by outcome: processed, lost_ringbuf, lost_table_full, skipped_by_kernel, dropped_queue, "
-         "decode_error"),
+         "Events by outcome: processed, lost_ringbuf, skipped_by_kernel, dropped_queue, decode_error"),
         ("otel_cuda.launches", "launch_names", "{launch}", "Launches by kernel name: named, unknown"),
         ("otel_cuda.archive.records", "archive", "{record}", "Archive records by outcome: written, dropped_<reason>"),
         ("otel_cuda.archive.uploads", "archive_uploads", "{file}", "Archive files uploaded to S3 and failed upload attempts"),
@@ -190,6 +189,9 @@ class SelfMetrics:
             meter.create_observable_counter(name, [self._by_outcome(group)], unit=unit, description=description)
         meter.create_observable_counter("otel_cuda.steps.evicted", [self._single("steps_evicted")], unit="{step}",
                                         description="Buffered steps evicted before a request could claim them")
+        meter.create_observable_counter("otel_cuda.kernel_tables.full", [self._single("kernel_table_full")],
+                                        unit="{entry}", description="Entries a full kernel table refused: an "
+                                        "aggregate, an allocation's size, an entry->return pair or a tracked file")
         meter.create_observable_counter("otel_cuda.kernel_names.truncated", [self._single("kernel_names_truncated")],
                                         unit="{name}", description="Kernel names left cut at 256 bytes (the process "
                                         "was gone before the rest could be read from its memory)")
@@ -295,11 +297,11 @@ class Telemetry:
         if self.pipeline is not None:
             p = self.pipeline
             out["events"] = {"processed": sum(p.totals.calls.values()), "lost_ringbuf": p.probes.lost(),
-                             "skipped_by_kernel": p.probes.skipped_runs(),
-                             "lost_table_full": p.probes.table_full(), "dropped_queue": p.totals.dropped_queue,
+                             "skipped_by_kernel": p.probes.skipped_runs(), "dropped_queue": p.totals.dropped_queue,
                              "decode_error": p.reader.counters.decode_errors}
             out["launch_names"] = {"named": p.names.launches_named, "unknown": p.names.launches_unknown}
             out["kernel_names_truncated"] = p.names.names_truncated
+            out["kernel_table_full"] = p.probes.table_full()
         j = self.joiner.counters
         out["join"] = {"joined": j.joined, "no_steps": j.no_steps, "no_latency_attributes": j.no_latency_attributes}
         for extra in self.extra_counts:

@@ -42,7 +42,7 @@ def test_multithreaded_workload_started_after_the_sidecar(probes, tmp_path):
     got = captured(sidecar.pipeline, pid)
     assert got == {f: n for f, n in truth["calls"].items() if n}, "captured calls differ from the workload's own count"
     assert summary["lost_ringbuf"] == 0 and summary["dropped_queue"] == 0 and summary["decode_errors"] == 0
-    assert summary["skipped_by_kernel"] == 0 and summary["lost_table_full"] == 0
+    assert summary["skipped_by_kernel"] == 0 and summary["kernel_table_full"] == 0
     # every name is whole, the long ones (over the record's 256 bytes) completed from the process's memory
     assert summary["launches_unknown"] == 0 and summary["kernel_names_truncated"] == 0
 
@@ -192,7 +192,7 @@ def test_kernel_map_memory_does_not_grow_with_the_node_cpu_count(probes):
 
 
 def test_a_full_kernel_table_is_counted_and_keeps_live_memory_consistent(testbed):
-    """Allocations beyond the allocation table's size (BpfConfig.max_allocs) are counted as lost_table_full, and
+    """Allocations beyond the allocation table's size (BpfConfig.max_allocs) are counted (otel_cuda.kernel_tables.full), and
     left out of the live total, so their frees do not leave it wrong."""
     from otel_cuda.bpf import BpfConfig, Probes
 
@@ -208,3 +208,25 @@ def test_a_full_kernel_table_is_counted_and_keeps_live_memory_consistent(testbed
         assert all(v == 0 for (pid, _), v in small.live_bytes().items() if pid == truth["pid"])
     finally:
         small.close()
+
+
+def test_a_gone_process_frees_its_kernel_entries_and_keeps_its_totals(probes):
+    """The kernel maps do not fill over process restarts: a gone process's entries are deleted (after
+    Pipeline.kernel_entry_grace_s, 60 s by default) and its call counts stay in the exported metrics."""
+    sidecar = RunningSidecar(probes, match=r"workload .*--tag capture-gone")
+    sidecar.pipeline.kernel_entry_grace_s = 0.0
+    truth = run_workload("--tag", "capture-gone", "--threads", "2", "--steps", "3", "--launches", "2",
+                         "--start-delay-ms", "1500")
+    pid = truth["pid"]
+    deadline = time.monotonic() + 10
+    while any(p == pid for p, _ in probes.stats()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not any(p == pid for p, _ in probes.stats()), "the gone process's kernel entries are freed"
+    finally:
+        sidecar.stop()
+    calls = Counter()
+    for point in metric_points(sidecar.metrics, "cuda.api.calls"):
+        if point.attributes["process.pid"] == pid:
+            calls[point.attributes["cuda.function"]] += point.value
+    assert dict(calls) == {f: n for f, n in truth["calls"].items() if n}

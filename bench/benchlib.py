@@ -561,17 +561,10 @@ def enable_bpf_stats():
 
 def prog_runtime(fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a loaded BPF program."""
-    ns = cnt = 0
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            for line in f:
-                if line.startswith("run_time_ns:"):
-                    ns = int(line.split()[1])
-                elif line.startswith("run_cnt:"):
-                    cnt = int(line.split()[1])
-    except OSError:
-        pass
-    return ns, cnt
+    from otel_cuda.bpf import fdinfo
+
+    info = fdinfo(fd)
+    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
 
 
 def prog_fds(bpf, names) -> list[int]:

@@ -77,6 +77,17 @@ def _load(bpf_class, config: BpfConfig):
     return bpf
 
 
+def fdinfo(fd: int) -> dict[str, str]:
+    """What the kernel says of one of this process's BPF program or map descriptors (/proc/self/fdinfo): run_cnt,
+    run_time_ns, recursion_misses of a program; map_type, value_size, max_entries, memlock of a map. Empty when the
+    descriptor is gone."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return {}
+
+
 def _empty_aggregate() -> dict:
     return {"calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS}
 
@@ -209,14 +220,7 @@ class Probes:
         """Program runs the kernel skipped, each an event never seen (`recursion_misses`, Linux >= 5.12). The kernel
         runs one kprobe/tracepoint program per CPU at a time: a system-view tracepoint that fires while another
         tool's kprobe program runs on that CPU is skipped, only counted. Uprobe programs are not subject to this."""
-        total = 0
-        for fn in list(self._bpf.funcs.values()):
-            try:
-                with open(f"/proc/self/fdinfo/{fn.fd}") as f:
-                    total += sum(int(line.split()[1]) for line in f if line.startswith("recursion_misses:"))
-            except (OSError, ValueError):
-                pass  # a program closed under us; its runs are gone with it
-        return total
+        return sum(int(fdinfo(fn.fd).get("recursion_misses", 0)) for fn in list(self._bpf.funcs.values()))
 
     def lost(self) -> int:
         """Records the ring buffer refused."""

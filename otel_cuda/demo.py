@@ -174,7 +174,8 @@ def report(args, truth, engine_truth, results, summary, sidecar, spans, metric_n
     out = {
         "events_expected": expected,
         "events_captured": captured,
-        "events_lost": summary["lost_ringbuf"] + summary["skipped_by_kernel"] + summary["dropped_queue"] + summary["decode_errors"],
+        "events_lost": (summary["lost_ringbuf"] + summary["skipped_by_kernel"] + summary["dropped_queue"]
+                        + summary["decode_errors"]),
         "kernel_names_resolved": summary["kernel_names_resolved"],
         "archive": str(archive_dir),
         "archive_events": len(cuda_lines),

@@ -129,7 +129,7 @@ class Pipeline:
         # A gone process's kernel aggregates are deleted this long after its exit (its totals were kept by the
         # observer at exit), so the maps do not fill over restarts; until then its counts can still be read.
         self.kernel_entry_grace_s = 60.0
-        self._kernel_entries_due: dict[int, float] = {}  # pid -> when its kernel entries go (consumer thread)
+        self._kernel_entries_due: dict[int, float] = {}  # pid -> when its kernel entries go
 
     # -- discovery callbacks ------------------------------------------------------------------------------
     def on_select(self, info: ProcInfo) -> None:
@@ -163,11 +163,12 @@ class Pipeline:
 
     def _free_kernel_entries(self) -> None:
         now = time.monotonic()
-        due = {pid for pid, t in self._kernel_entries_due.items() if t <= now}
+        # list() copies in one step: on_select (discovery's thread) may add a reused pid meanwhile
+        due = {pid for pid, t in list(self._kernel_entries_due.items()) if t <= now}
         if not due:
             return
         for pid in due:
-            del self._kernel_entries_due[pid]
+            self._kernel_entries_due.pop(pid, None)
         # a pid traced again meanwhile owns its entries now (they add up across both: counters stay monotonic)
         due -= self.discovery.tracked_pids()
         if due:

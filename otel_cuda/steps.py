@@ -144,5 +144,5 @@ class StepTracker:
             self._close(tid)
 
     def forget_process(self, pid: int) -> None:
-        for tid in [t for t, s in self._open.items() if s.pid == pid]:
+        for tid in [t for t, s in list(self._open.items()) if s.pid == pid]:  # list(): one step, for other threads
             self._close(tid)

@@ -176,12 +176,10 @@ def test_kernel_map_memory_does_not_grow_with_the_node_cpu_count(probes):
     per_cpu_types = {5, 6, 10}  # BPF_MAP_TYPE_PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
     cpus = os.cpu_count()
     projected = 0
+    from otel_cuda.bpf import fdinfo
+
     for fd in os.listdir("/proc/self/fd"):
-        try:
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                info = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
-        except OSError:
-            continue
+        info = fdinfo(int(fd))
         if "map_type" not in info:
             continue
         projected += int(info["memlock"])

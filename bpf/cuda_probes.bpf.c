@@ -641,6 +641,9 @@ CALL(cuStreamSynchronize, P1(ctx), 0, 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
 CALL(cuCtxSynchronize, 0, 0, 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
 CALL(cuEventSynchronize, 0, P1(ctx), 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
 CALL(cuStreamWaitEvent, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
+/* (hEvent, hStream[, flags]) -> stream, event, flags: which step a later cuEventSynchronize waits for */
+CALL(cuEventRecord, P2(ctx), P1(ctx), 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
+CALL(cuEventRecordWithFlags, P2(ctx), P1(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
 
 /* names: cuKernelGetFunction(CUfunction *out, CUkernel k) -> function, kernel */
 CALL(cuKernelGetFunction, P1(ctx), P2(ctx), 0, 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)

@@ -84,6 +84,8 @@ enum oc_func {
     OC_FN_cuCtxSynchronize = 51,
     OC_FN_cuEventSynchronize = 52,
     OC_FN_cuStreamWaitEvent = 53,
+    OC_FN_cuEventRecord = 54, /* not a sync: tells which step a later event sync waits for */
+    OC_FN_cuEventRecordWithFlags = 55,
     /* names */
     OC_FN_cuModuleGetFunction = 60,
     OC_FN_cuLibraryGetKernel = 61,

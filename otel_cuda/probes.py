@@ -17,7 +17,7 @@ RUNTIME = "runtime"
 class Probe:
     symbol: str
     func_id: int
-    group: str  # launch | memory | copy | set | sync | names | lifecycle
+    group: str  # launch | memory | copy | set | sync | event | names | lifecycle
     args: tuple[str, ...]  # names of oc_call.args slots ("" = unused)
     layer: str = DRIVER
     entry_only: bool = False  # launches: entry only unless --launch-return
@@ -71,6 +71,10 @@ PROBES: tuple[Probe, ...] = (
     Probe("cuCtxSynchronize", 51, "sync", (), sync_kind="context"),
     Probe("cuEventSynchronize", 52, "sync", ("", "event"), sync_kind="event"),
     Probe("cuStreamWaitEvent", 53, "sync", ("stream", "event", "flags"), sync_kind="event"),
+    # not a wait: an event recorded after a step's launches (or its token readback) is what a later
+    # cuEventSynchronize on another thread waits for; steps.py closes that step there
+    Probe("cuEventRecord", 54, "event", ("stream", "event")),
+    Probe("cuEventRecordWithFlags", 55, "event", ("stream", "event", "flags"), optional=True),
     # names
     Probe("cuModuleGetFunction", 60, "names", ()),
     Probe("cuLibraryGetKernel", 61, "names", (), optional=True),

@@ -89,7 +89,9 @@ class StepSpans:
                 "cuda.sync.duration": step.sync_ns / 1e9,
                 "cuda.calls": step.calls,
                 "cuda.outliers.dropped": step.outliers_dropped,
-                "thread.id": step.tid,
+                "thread.id": step.tid,  # the launching thread
+                "cuda.step.closed_by": step.closed_by,  # which host wait ended it (steps.py)
+                "cuda.step.readback_thread": step.closed_tid,
             },
         )
         parent = trace.set_span_in_context(span)

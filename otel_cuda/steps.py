@@ -1,14 +1,33 @@
 """Events -> engine steps.
 
-An inference engine's step is a burst of kernel launches on one thread closed by a host sync: vLLM reads the
-sampled tokens back every step (a device->host copy and a stream synchronize). A step opens at the first
-launch on a thread with no open step and closes at the end of the next host-blocking call on that thread
-(stream / context / event synchronize, or a synchronous device->host copy). A step left open longer than
-`idle_close_ns` after its last call is closed by `tick()` (a thread that stopped launching).
+An engine step is a burst of kernel launches that ends when the host has the step's result (vLLM: the sampled
+tokens). Where the launches are issued and where the host waits for them differ by engine loop, so a step opens on
+its launching thread but can be closed by any thread of the process:
+
+* launches on a thread with no open step open one (that thread's step);
+* the sampled-token readback — a device->host copy issued on the launching thread — *seals* the step: later
+  launches on that thread open the next step, while the sealed one waits for its readback to complete. Copies,
+  event records and stream waits issued right after the seal (vLLM copies several tensors) still belong to it;
+* the step *closes* at the end of the host wait that covers it:
+  - `cuEventSynchronize(E)` on any thread, where E was recorded (cuEventRecord) on the launching thread after the
+    step's launches: vLLM's default async-scheduling loop records `copy_event` after the readback copies and its
+    output thread waits on it (vllm/v1/worker/gpu/async_utils.py `AsyncOutput`); the synchronous loop records an
+    event after the copy and waits on it on the same thread (`_to_list`). Closing also closes the launching
+    thread's older sealed steps (same thread, earlier work);
+  - `cuStreamSynchronize(S)` on the launching thread (every step of that thread), or on another thread of the
+    process for steps whose readback went to stream S; `cuCtxSynchronize` or a synchronous `cuMemcpyDtoH_v2` on
+    the launching thread;
+  - a wait on an event recorded before the step's launches (vLLM's launching thread waits on the previous step's
+    input-copy event at the start of each step) covers no step and closes nothing; a wait on an event never seen
+    recorded (the sidecar attached later) closes the waiting thread's own open step only.
+* a step left open or waiting longer than `idle_close_ns` is closed by `tick()`, and a thread keeps at most
+  `max_waiting` sealed steps (a readback whose wait is never seen must not hold steps forever); `closed_by` says
+  which rule closed each step.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,11 +35,19 @@ from . import probes
 from .events import EV_CALL, EV_LAUNCH, F_NESTED, F_RETURN, Event
 from .records import moved_bytes
 
-_GRAPH_LAUNCH = probes.BY_SYMBOL["cuGraphLaunch"].func_id
-_CLOSES_STEP = {p.func_id for p in probes.PROBES
-                if p.layer == probes.DRIVER and (p.sync_kind in ("stream", "context") or p.symbol in (
-                    "cuEventSynchronize", "cuMemcpyDtoH_v2"))}
-_SYNC = {p.func_id for p in probes.PROBES if p.sync_kind}
+_ID = probes.BY_SYMBOL
+_GRAPH_LAUNCH = _ID["cuGraphLaunch"].func_id
+_READBACK = {_ID["cuMemcpyDtoHAsync_v2"].func_id, _ID["cuMemcpyDtoH_v2"].func_id}
+_SYNC_COPY = _ID["cuMemcpyDtoH_v2"].func_id
+_RECORD = {_ID["cuEventRecord"].func_id, _ID["cuEventRecordWithFlags"].func_id}
+_EVENT_SYNC = _ID["cuEventSynchronize"].func_id
+_STREAM_SYNC = _ID["cuStreamSynchronize"].func_id
+_CTX_SYNC = _ID["cuCtxSynchronize"].func_id
+# calls that still belong to a sealed step when they follow its readback on the launching thread
+_READBACK_TAIL = _READBACK | _RECORD | {_ID["cuStreamWaitEvent"].func_id}
+# host-blocking waits (cuStreamWaitEvent only enqueues a device-side wait)
+_SYNC = {p.func_id for p in probes.PROBES if p.sync_kind} - {_ID["cuStreamWaitEvent"].func_id}
+_MAX_EVENTS = 1 << 16  # (pid, event) -> step entries kept; torch reuses a few handles, so this is generous
 
 
 @dataclass(frozen=True)
@@ -29,13 +56,14 @@ class StepConfig:
     outlier_bytes: int = 64 << 20  # copies / allocations at least this large too
     idle_close_ns: int = 2_000_000_000
     max_outliers_per_step: int = 16  # span volume stays bounded whatever the workload does
+    max_waiting: int = 8  # sealed steps a thread may have waiting for their readback
 
 
 @dataclass
 class Step:
     id: int
     pid: int
-    tid: int
+    tid: int  # the launching thread
     start_ns: int  # CLOCK_MONOTONIC
     end_ns: int = 0
     launches: int = 0
@@ -47,6 +75,11 @@ class Step:
     outliers: list = field(default_factory=list)  # (Event, kernel name or None)
     outliers_dropped: int = 0
     kernels: dict = field(default_factory=dict)  # kernel name -> launches in this step
+    sealed_ns: int = -1  # when the readback was issued (-1: still launching)
+    readback_stream: int = -1
+    closed_by: str = ""  # event | stream | context | copy | thread | idle | overflow | exit
+    closed_tid: int = 0  # the thread whose wait closed it
+    closed: bool = False
 
     @property
     def duration_ns(self) -> int:
@@ -58,7 +91,9 @@ class StepTracker:
         self.config = config
         self.on_step = on_step
         self.on_outlier = on_outlier  # outliers outside any step
-        self._open: dict[int, Step] = {}  # tid -> open step
+        self._open: dict[int, Step] = {}  # tid -> its step still launching
+        self._waiting: dict[int, deque[Step]] = {}  # tid -> its sealed steps waiting for their readback, oldest first
+        self._events: dict[tuple[int, int], Step | None] = {}  # (pid, CUevent) -> the step a wait on it covers
         self._next_id = 1
         self._last_ns: dict[int, int] = {}
 
@@ -76,17 +111,42 @@ class StepTracker:
         """Account one event; returns the id of the step it belongs to, or None."""
         if ev.type == EV_LAUNCH and not ev.flags & (F_RETURN | F_NESTED) and ev.func != _GRAPH_LAUNCH:
             return self._launch(ev, kernel)
-        step = self._open.get(ev.tid)
+        tid, func = ev.tid, ev.func
+        step = self._open.get(tid)
         if step is None and ev.type == EV_LAUNCH and not ev.nested:
             step = self._start(ev)
         end = ev.ts_ns + ev.dur_ns
-        self._last_ns[ev.tid] = end
+        self._last_ns[tid] = end
+        if ev.nested or not ev.has_return or ev.type != EV_CALL:
+            return self._account(step, ev, kernel)
+        if step is None and func in _READBACK_TAIL:
+            waiting = self._waiting.get(tid)
+            step = waiting[-1] if waiting else None
+        if func in _READBACK and step is not None and step.sealed_ns < 0:
+            self._seal(step, ev)
+        if func in _RECORD:
+            self._remember_event(ev.pid, ev.args[1], step)
+            return self._account(step, ev, kernel)
+        closing = self._closing(ev)
+        if not closing:
+            return self._account(step, ev, kernel)
+        how, steps = closing
+        last = steps[-1]
+        self._account(last, ev, kernel)  # the wait belongs to the (youngest) step it completes
+        for s in steps:
+            self._close(s, end, how, tid)
+        return last.id
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def _account(self, step: Step | None, ev: Event, kernel: str | None) -> int | None:
         if step is None:
             if self.is_outlier(ev):
                 self.on_outlier(ev, kernel)
             return None
         step.calls += 1
-        step.end_ns = max(step.end_ns, end)
+        end = ev.ts_ns + ev.dur_ns
+        if end > step.end_ns:
+            step.end_ns = end
         if ev.type == EV_LAUNCH:
             if ev.nested:
                 pass
@@ -106,8 +166,6 @@ class StepTracker:
                 step.outliers.append((ev, kernel))
             else:
                 step.outliers_dropped += 1
-        if ev.func in _CLOSES_STEP and ev.has_return and not ev.nested:
-            self._close(ev.tid)
         return step.id
 
     def _launch(self, ev: Event, kernel: str | None) -> int:
@@ -123,26 +181,101 @@ class StepTracker:
             step.kernels[kernel] = step.kernels.get(kernel, 0) + 1
         return step.id
 
+    # -- boundaries ---------------------------------------------------------------------------------------
     def _start(self, ev: Event) -> Step:
         """A launch on a thread with no open step opens one."""
         step = self._open[ev.tid] = Step(self._next_id, ev.pid, ev.tid, ev.ts_ns)
         self._next_id += 1
         return step
 
-    def _close(self, tid: int) -> None:
-        step = self._open.pop(tid, None)
-        if step is not None:
-            self.on_step(step)
+    def _seal(self, step: Step, ev: Event) -> None:
+        """The readback was issued: the step's launches are over; it waits for the host to see the result."""
+        step.sealed_ns = ev.ts_ns
+        step.readback_stream = ev.args[3]
+        del self._open[step.tid]
+        waiting = self._waiting.setdefault(step.tid, deque())
+        waiting.append(step)
+        if len(waiting) > self.config.max_waiting:
+            old = waiting[0]
+            self._close(old, old.end_ns, "overflow", step.tid)
+
+    def _remember_event(self, pid: int, event: int, step: Step | None) -> None:
+        key = (pid, event)
+        self._events.pop(key, None)  # re-recorded: newest last, so the oldest entry is the one evicted
+        self._events[key] = step
+        if len(self._events) > _MAX_EVENTS:
+            del self._events[next(iter(self._events))]
+
+    def _closing(self, ev: Event) -> tuple[str, list[Step]] | None:
+        """Which steps the host wait `ev` completes (oldest first), and the rule that says so."""
+        func, tid, pid = ev.func, ev.tid, ev.pid
+        if func == _EVENT_SYNC:
+            key = (pid, ev.args[1])
+            if key in self._events:
+                step = self._events[key]
+                if step is None or step.closed:
+                    return None
+                return "event", self._thread_steps(step.tid, upto=step)
+            open_step = self._open.get(tid)  # recorded before we attached: only this thread's own launches
+            return ("thread", [open_step]) if open_step is not None else None
+        if func == _STREAM_SYNC:
+            stream = ev.args[0]
+            steps = self._thread_steps(tid)
+            for other, waiting in self._waiting.items():
+                match = [s for s in waiting if s.readback_stream == stream and s.pid == pid]
+                if other != tid and match:
+                    steps += self._thread_steps(other, upto=match[-1])
+            return ("stream", steps) if steps else None
+        if func in (_CTX_SYNC, _SYNC_COPY):
+            # A device-wide wait from another thread completes that thread's steps too, but it is the launching
+            # thread's own wait or its matched readback that ends them there: leave them to it.
+            steps = self._thread_steps(tid)
+            return ("context" if func == _CTX_SYNC else "copy", steps) if steps else None
+        return None
+
+    def _thread_steps(self, tid: int, upto: Step | None = None) -> list[Step]:
+        """A thread's unclosed steps, oldest first (sealed ones, then the open one), up to and including `upto`."""
+        steps = list(self._waiting.get(tid, ()))
+        if tid in self._open:
+            steps.append(self._open[tid])
+        if upto is not None:
+            steps = steps[:steps.index(upto) + 1] if upto in steps else []
+        return steps
+
+    def _process_steps(self, pid: int) -> list[Step]:
+        return ([s for w in self._waiting.values() for s in w if s.pid == pid]
+                + [s for s in self._open.values() if s.pid == pid])
+
+    def _close(self, step: Step, end_ns: int, how: str, by_tid: int) -> None:
+        if step.closed:
+            return
+        step.closed, step.closed_by, step.closed_tid = True, how, by_tid
+        step.end_ns = max(step.end_ns, end_ns)
+        if self._open.get(step.tid) is step:
+            del self._open[step.tid]
+        else:
+            waiting = self._waiting.get(step.tid)
+            if waiting:
+                waiting.remove(step)
+                if not waiting:
+                    del self._waiting[step.tid]
+        self.on_step(step)
 
     def tick(self, now_ns: int) -> None:
-        """Close steps whose thread has been quiet for idle_close_ns."""
-        for tid in [t for t, s in self._open.items() if now_ns - self._last_ns.get(t, s.start_ns) > self.config.idle_close_ns]:
-            self._close(tid)
+        """Close steps whose thread has been quiet for idle_close_ns, and sealed steps whose readback wait was
+        not seen within it."""
+        idle = self.config.idle_close_ns
+        for step in [s for s in self._open.values() if now_ns - self._last_ns.get(s.tid, s.start_ns) > idle]:
+            self._close(step, step.end_ns, "idle", step.tid)
+        for step in [s for w in self._waiting.values() for s in w if now_ns - s.sealed_ns > idle]:
+            self._close(step, step.end_ns, "idle", step.tid)
 
     def close_all(self) -> None:
-        for tid in list(self._open):
-            self._close(tid)
+        for step in [s for w in list(self._waiting.values()) for s in w] + list(self._open.values()):
+            self._close(step, step.end_ns, "exit", step.tid)
 
     def forget_process(self, pid: int) -> None:
-        for tid in [t for t, s in list(self._open.items()) if s.pid == pid]:  # list(): one step, for other threads
-            self._close(tid)
+        for step in self._process_steps(pid):
+            self._close(step, step.end_ns, "exit", step.tid)
+        for key in [k for k in self._events if k[0] == pid]:
+            del self._events[key]

@@ -42,7 +42,7 @@ typedef unsigned long long u64;
     X(cuDevicePrimaryCtxGetState) X(cuDevicePrimaryCtxRelease_v2) X(cuCtxCreate_v2) X(cuCtxDestroy_v2)      \
     X(cuCtxSetCurrent) X(cuCtxGetCurrent) X(cuCtxGetDevice) X(cuCtxSynchronize) X(cuGetErrorName)           \
     X(cuGetErrorString) X(cuStreamCreate) X(cuStreamDestroy_v2) X(cuStreamSynchronize) X(cuStreamWaitEvent) \
-    X(cuEventCreate) X(cuEventRecord) X(cuEventSynchronize) X(cuEventDestroy_v2) X(cuGraphCreate)           \
+    X(cuEventCreate) X(cuEventRecord) X(cuEventRecordWithFlags) X(cuEventSynchronize) X(cuEventDestroy_v2) X(cuGraphCreate)           \
     X(cuGraphInstantiateWithFlags) X(cuGraphExecDestroy) X(cuGraphDestroy) X(cuGraphLaunch)                 \
     X(cuModuleLoadData) X(cuModuleLoadDataEx) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLibraryLoadData) \
     X(cuLibraryUnload) X(cuLibraryGetKernel) X(cuKernelGetFunction) X(cuLaunchKernel) X(cuLaunchKernelEx)   \
@@ -705,6 +705,16 @@ CU_EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream)
     if (!is_handle(hEvent, H_EVENT) || !stream_ok(hStream))
         return done(FN_cuEventRecord, CUDA_ERROR_INVALID_HANDLE);
     return done(FN_cuEventRecord, CUDA_SUCCESS);
+}
+
+CU_EXPORT CUresult cuEventRecordWithFlags(CUevent hEvent, CUstream hStream, unsigned int flags)
+{
+    REQUIRE_INIT(FN_cuEventRecordWithFlags);
+    if (flags & ~1u) /* CU_EVENT_RECORD_EXTERNAL */
+        return done(FN_cuEventRecordWithFlags, CUDA_ERROR_INVALID_VALUE);
+    if (!is_handle(hEvent, H_EVENT) || !stream_ok(hStream))
+        return done(FN_cuEventRecordWithFlags, CUDA_ERROR_INVALID_HANDLE);
+    return done(FN_cuEventRecordWithFlags, CUDA_SUCCESS);
 }
 
 CU_EXPORT CUresult cuEventSynchronize(CUevent hEvent)

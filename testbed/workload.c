@@ -49,7 +49,8 @@ typedef unsigned long long u64;
     X(cuMemcpyHtoD_v2) X(cuMemcpyDtoH_v2) X(cuMemcpyDtoD_v2) X(cuMemcpyHtoDAsync_v2) X(cuMemcpyDtoHAsync_v2) \
     X(cuMemcpyDtoDAsync_v2) X(cuMemcpyPeer) X(cuMemcpyPeerAsync) X(cuMemsetD8_v2) X(cuMemsetD16_v2)         \
     X(cuMemsetD32_v2) X(cuMemsetD8Async) X(cuMemsetD16Async) X(cuMemsetD32Async) X(cuStreamSynchronize)     \
-    X(cuCtxSynchronize) X(cuEventSynchronize) X(cuStreamWaitEvent) X(cuModuleGetFunction)                  \
+    X(cuCtxSynchronize) X(cuEventSynchronize) X(cuStreamWaitEvent) X(cuEventRecord) X(cuEventRecordWithFlags) \
+    X(cuModuleGetFunction)                                                                                   \
     X(cuLibraryGetKernel) X(cuKernelGetFunction) X(cuModuleLoadData) X(cuModuleLoadDataEx)                 \
     X(cuLibraryLoadData) X(cuInit) X(cuDevicePrimaryCtxRetain) X(cuCtxCreate_v2)
 
@@ -743,7 +744,8 @@ static void *worker_main(void *arg)
                                                   cudaMemcpyDefault));
         t->bytes[B_DEFAULT] += 64 * KiB;
     }
-    NOISE(cuEventRecord(ev, s));
+    OK(t, cuEventRecord, cuEventRecord(ev, s));
+    OK(t, cuEventRecordWithFlags, cuEventRecordWithFlags(ev, s, 0));
     OK(t, cuStreamWaitEvent, cuStreamWaitEvent(s, ev, 0));
     OK(t, cuEventSynchronize, cuEventSynchronize(ev));
 

@@ -1,18 +1,37 @@
-"""llm_request windows x buffered steps -> child spans and summary attributes.
+"""llm_request spans x buffered engine steps -> cuda.prefill / cuda.decode children and summary attributes.
 
-vLLM exports `llm_request` only when a request has finished, from the API-server process, while the CUDA work
-happened earlier in the engine: so steps are buffered (bounded by age and count, evictions counted) and the
-join runs when the span arrives. Phase windows come from the span's start and its gen_ai.latency.*
-attributes; a step belongs to a window when its midpoint lies in it, so each step falls in exactly one of two
-adjacent windows. A step is shared by every request of its batch: attribute, don't divide.
+vLLM exports `llm_request` when a request has finished, from the API-server process, while the CUDA work ran
+earlier in its engines; so steps are buffered per process (bounded by age and count, evictions counted) and the
+join runs when the span arrives. docs/join.md explains each rule with vLLM's code; in short:
+
+* instance: the span's sender resolves to the API server and its engines (instances.py); unknown -> outcome
+  `unknown_instance`, nothing claimed;
+* windows: vLLM's latencies are the engine's own intervals (queued -> scheduled -> first token -> last token), but
+  anchored on the frontend's arrival time, which precedes the engine's queued time by an unknown hop `delta` >= 0.
+  Impossible values (negative, not finite, longer than the span) -> `invalid_latency_attributes`, nothing claimed;
+* alignment: an engine step's tokens are stamped after its readback ends, so the step that produced a token at
+  time T is the last one ending at or before T. With `n` completion tokens the request's last-token step lies
+  exactly n-1 steps after its first-token step (one token per step, no speculative decoding), and `delta` is at
+  most the frontend's lag behind the engine (time_to_first_token vs queue + prefill; span end vs last token). The
+  join takes, per engine of the instance (data parallel: one per rank), the `delta` in that range that fits the
+  count, then the smallest token lags; the engine that fits best ran the request (its steps are claimed);
+* tensor parallel: the ranks of an engine step together; steps are counted once (the lowest-pid rank's), launches
+  and bytes summed over ranks (each rank's step nearest in time); `cuda.ranks` says how many;
+* completeness: `cuda.join.complete=false` with the reasons when ring-buffer loss, a full kernel table, eviction
+  or tracing that began mid-request touched the request's windows;
+* where the server exports its own phase spans (vLLM's proposed `vllm_prefill` / `vllm_decode`, SGLang's
+  `prefill_forward` / `decode_forward`) in the same batch, the children go under them instead of the request.
+A step is shared by every request of its batch: attribute, don't divide (`cuda.requests.shared_by`).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +39,12 @@ from opentelemetry import trace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from .instances import Instance
+
 log = logging.getLogger(__name__)
+
+PHASE_SPANS = (("vllm_prefill", "prefill"), ("vllm_decode", "decode"),  # vLLM's proposed per-phase spans
+               ("prefill_forward", "prefill"), ("decode_forward", "decode"))  # SGLang
 
 
 @dataclass(frozen=True)
@@ -29,12 +53,16 @@ class JoinConfig:
     queue_attribute: str = "gen_ai.latency.time_in_queue"
     prefill_attribute: str = "gen_ai.latency.time_in_model_prefill"
     decode_attribute: str = "gen_ai.latency.time_in_model_decode"
+    ttft_attribute: str = "gen_ai.latency.time_to_first_token"
+    completion_tokens_attribute: str = "gen_ai.usage.completion_tokens"
     request_id_attribute: str = "gen_ai.request.id"
-    instance_key: str = "auto"  # auto | pod | container | host (every traced process is the same instance)
+    phase_spans: tuple = PHASE_SPANS
+    instance_key: str = "auto"  # auto | pod | container | host (every traced process is one instance)
     retention_s: float = 900.0  # long enough for long requests
     max_steps: int = 200_000  # memory cap (~200 bytes a step)
     max_links: int = 16
     wait_s: float = 5.0  # how long a join waits for the pipeline to catch up with the span's end
+    tolerance_ns: int = 1_000_000  # float-seconds rounding allowed when checking a span's latencies
 
 
 @dataclass
@@ -56,32 +84,66 @@ class BufferedStep:
 
 
 class StepBuffer:
+    """Steps per process, sorted by end time; what could make a window incomplete (gaps, evictions, attach)."""
+
     def __init__(self, config: JoinConfig, monotonic_ns: Callable[[], int] = time.monotonic_ns):
         self.config = config
         self._now = monotonic_ns
-        self._steps: list[BufferedStep] = []
-        self._mids: list[int] = []
+        self._ends: dict[int, list[int]] = {}
+        self._steps: dict[int, list[BufferedStep]] = {}
+        self._count = 0
         self._lock = threading.Condition()
         self.watermark_ns = 0  # the pipeline has processed every event stamped before this
         self.evicted = 0
-        self._longest = 0  # the longest step seen (ns), to search by end time in a list sorted by midpoint
+        self._evicted_until: dict[int, int] = {}  # pid -> end of its newest evicted step
+        self._gaps: deque = deque(maxlen=4096)  # (start_ns, end_ns, reason): events lost in that interval
+        self._traced_since: dict[int, int] = {}  # pid -> when its tracing began
 
     def add(self, step: BufferedStep) -> None:
         with self._lock:
-            self._longest = max(self._longest, step.end_ns - step.start_ns)
-            i = bisect.bisect_right(self._mids, step.mid_ns)
-            self._steps.insert(i, step)
-            self._mids.insert(i, step.mid_ns)
+            ends = self._ends.setdefault(step.pid, [])
+            i = bisect.bisect_right(ends, step.end_ns)
+            ends.insert(i, step.end_ns)
+            self._steps.setdefault(step.pid, []).insert(i, step)
+            self._count += 1
             self._evict()
 
     def _evict(self) -> None:
         horizon = self._now() - int(self.config.retention_s * 1e9)
-        drop = bisect.bisect_left(self._mids, horizon)
-        drop = max(drop, len(self._steps) - self.config.max_steps)
-        if drop > 0:
-            del self._steps[:drop]
-            del self._mids[:drop]
-            self.evicted += drop
+        for pid, ends in self._ends.items():
+            self._drop(pid, bisect.bisect_left(ends, horizon))
+        while self._count > self.config.max_steps:
+            oldest = min((e[0], pid) for pid, e in self._ends.items() if e)[1]
+            self._drop(oldest, 1)
+
+    def _drop(self, pid: int, n: int) -> None:
+        if n <= 0:
+            return
+        self._evicted_until[pid] = self._ends[pid][n - 1]
+        del self._ends[pid][:n]
+        del self._steps[pid][:n]
+        self._count -= n
+        self.evicted += n
+
+    def traced_since(self, pid: int, mono_ns: int) -> None:
+        """Tracing of pid began at mono_ns: a window that starts earlier misses its steps before that."""
+        with self._lock:
+            self._traced_since.setdefault(pid, mono_ns)
+
+    def gap(self, start_ns: int, end_ns: int, reason: str) -> None:
+        """Events were lost somewhere in [start_ns, end_ns] (ring buffer full, kernel table full)."""
+        with self._lock:
+            self._gaps.append((start_ns, end_ns, reason))
+
+    def incomplete(self, pids, start_ns: int, end_ns: int) -> list[str]:
+        """Why the steps of `pids` in [start_ns, end_ns] may not all be here (empty: they are)."""
+        with self._lock:
+            why = {reason for s, e, reason in self._gaps if s <= end_ns and e >= start_ns}
+            if any(self._evicted_until.get(p, -1) >= start_ns for p in pids):
+                why.add("steps_evicted")
+            if any(self._traced_since.get(p, start_ns) > start_ns for p in pids):
+                why.add("attached_mid_request")
+        return sorted(why)
 
     def advance(self, watermark_ns: int) -> None:
         with self._lock:
@@ -92,23 +154,14 @@ class StepBuffer:
         with self._lock:
             return self._lock.wait_for(lambda: self.watermark_ns >= mono_ns, timeout=timeout_s)
 
-    def ends_between(self, start_ns: int, end_ns: int, pids: set[int] | None) -> list[int]:
-        """End times of the steps that end in [start_ns, end_ns] (steps are sorted by midpoint, so look a
-        little wider and filter)."""
+    def ending_between(self, pid: int, lo_ns: int, hi_ns: int) -> list[BufferedStep]:
+        """Steps of pid that end in [lo_ns, hi_ns], by end time."""
         with self._lock:
-            lo = bisect.bisect_left(self._mids, start_ns - self._longest)
-            hi = bisect.bisect_right(self._mids, end_ns)
-            return sorted(s.end_ns for s in self._steps[lo:hi]
-                          if start_ns <= s.end_ns <= end_ns and (pids is None or s.pid in pids))
-
-    def in_window(self, start_ns: int, end_ns: int, pids: set[int] | None) -> list[BufferedStep]:
-        with self._lock:
-            lo = bisect.bisect_left(self._mids, start_ns)
-            hi = bisect.bisect_left(self._mids, end_ns)
-            return [s for s in self._steps[lo:hi] if pids is None or s.pid in pids]
+            ends = self._ends.get(pid, ())
+            return self._steps[pid][bisect.bisect_left(ends, lo_ns):bisect.bisect_right(ends, hi_ns)] if ends else []
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return self._count
 
 
 @dataclass
@@ -117,8 +170,37 @@ class JoinCounters:
     joined: int = 0
     no_steps: int = 0
     no_latency_attributes: int = 0
+    invalid_latency_attributes: int = 0
+    unknown_instance: int = 0
+    incomplete: int = 0
     children: int = 0
     by_request: list = field(default_factory=list)  # recent outcomes for the demo's report (bounded)
+
+    def outcomes(self) -> dict:
+        return {k: getattr(self, k) for k in ("joined", "no_steps", "no_latency_attributes",
+                                              "invalid_latency_attributes", "unknown_instance")}
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """A request's phases in ns relative to the span's start, as vLLM's attributes give them."""
+
+    queue: int
+    prefill: int
+    decode: int
+    ttft: int | None
+    tokens: int | None  # completion tokens
+
+
+@dataclass
+class Match:
+    """The steps of one engine that a request took part in, per phase and rank."""
+
+    engine: int
+    delta: int  # the engine's timeline lies this far after the span's anchors (ns)
+    phases: dict  # phase -> list of the lead rank's steps
+    ranks: dict  # phase -> list of every rank's steps (the lead's included)
+    score: tuple
 
 
 def _attrs(kvs) -> dict:
@@ -140,15 +222,17 @@ def _kv(key: str, value) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(string_value=str(value)))
 
 
-def summarize(steps: list[BufferedStep]) -> dict:
+def summarize(lead: list[BufferedStep], every_rank: list[BufferedStep] | None = None) -> dict:
+    """Steps are counted once (the lead rank's); work is summed over every rank."""
+    work = lead if every_rank is None else every_rank
     return {
-        "cuda.steps": len(steps),
-        "cuda.launches": sum(s.launches for s in steps),
-        "cuda.graph_launches": sum(s.graph_launches for s in steps),
-        "cuda.memcpy.bytes": sum(s.memcpy_bytes for s in steps),
-        "cuda.api.duration": sum(s.api_ns for s in steps) / 1e9,
-        "cuda.sync.duration": sum(s.sync_ns for s in steps) / 1e9,
-        "cuda.requests.shared_by": max((s.claimed_by for s in steps), default=0),
+        "cuda.steps": len(lead),
+        "cuda.launches": sum(s.launches for s in work),
+        "cuda.graph_launches": sum(s.graph_launches for s in work),
+        "cuda.memcpy.bytes": sum(s.memcpy_bytes for s in work),
+        "cuda.api.duration": sum(s.api_ns for s in work) / 1e9,
+        "cuda.sync.duration": sum(s.sync_ns for s in work) / 1e9,
+        "cuda.requests.shared_by": max((s.claimed_by for s in lead), default=0),
     }
 
 
@@ -160,123 +244,234 @@ def sample(steps: list[BufferedStep], n: int) -> list[BufferedStep]:
     return [with_ctx[round(i * (len(with_ctx) - 1) / (n - 1))] for i in range(n)]
 
 
+def latencies(attrs: dict, config: JoinConfig, span_ns: int) -> Latencies | str:
+    """The request's phases, or the outcome that says why there are none."""
+    c = config
+    try:
+        queue, prefill, decode = (float(attrs[c.queue_attribute]), float(attrs[c.prefill_attribute]),
+                                  float(attrs[c.decode_attribute]))
+    except (KeyError, TypeError, ValueError):
+        return "no_latency_attributes"
+    ttft = attrs.get(c.ttft_attribute)
+    try:
+        ttft = float(ttft) if ttft is not None else None
+        tokens = int(attrs[c.completion_tokens_attribute]) if c.completion_tokens_attribute in attrs else None
+    except (TypeError, ValueError):
+        return "invalid_latency_attributes"
+    values = (queue, prefill, decode) + ((ttft,) if ttft is not None else ())
+    if not all(math.isfinite(v) and v >= 0 for v in values) or (tokens is not None and tokens < 0):
+        return "invalid_latency_attributes"  # an aborted request's (negative prefill, decode ~ uptime)
+    ns = [int(v * 1e9) for v in (queue, prefill, decode)]
+    tol = c.tolerance_ns
+    if sum(ns) > span_ns + tol or (ttft is not None and ns[0] + ns[1] > int(ttft * 1e9) + tol):
+        return "invalid_latency_attributes"  # phases that do not fit in the span: nothing of it can be placed
+    return Latencies(*ns, int(ttft * 1e9) if ttft is not None else None, tokens)
+
+
 class Joiner:
     """Mutates llm_request spans of an ExportTraceServiceRequest in place (summary attributes) and emits the
     cuda.prefill / cuda.decode children through `tracer_for(pid)`."""
 
     def __init__(self, config: JoinConfig, buffer: StepBuffer, tracer_for: Callable[[int], trace.Tracer],
-                 epoch_offset_ns: Callable[[], int], instance_pids: Callable[[dict], set[int] | None],
+                 epoch_offset_ns: Callable[[], int], instance_of: Callable[[dict, object], Instance | None],
                  on_request: Callable[[dict], None] = lambda record: None):
         self.config = config
         self.buffer = buffer
         self.tracer_for = tracer_for
         self.epoch_offset_ns = epoch_offset_ns
-        self.instance_pids = instance_pids
+        self.instance_of = instance_of
         self.on_request = on_request
         self.counters = JoinCounters()
+        self._phase_names = dict(config.phase_spans)
 
-    def handle(self, request) -> None:
+    def handle(self, request, peer=None) -> None:
+        phase_parents: dict[tuple[bytes, bytes], dict[str, bytes]] = {}
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    phase = self._phase_names.get(span.name)
+                    if phase:
+                        phase_parents.setdefault((span.trace_id, span.parent_span_id), {})[phase] = span.span_id
         for rs in request.resource_spans:
             resource = _attrs(rs.resource.attributes)
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     if span.name == self.config.request_span_name:
                         try:
-                            self._join(span, resource)
+                            self._join(span, resource, peer, phase_parents.get((span.trace_id, span.span_id), {}))
                         except Exception:
                             log.exception("join of span %s failed; it is forwarded unchanged", span.span_id.hex())
 
-    def windows(self, span, attrs: dict) -> dict[str, tuple[int, int]] | None:
-        c = self.config
-        try:
-            queue, prefill, decode = (float(attrs[c.queue_attribute]), float(attrs[c.prefill_attribute]),
-                                      float(attrs[c.decode_attribute]))
-        except (KeyError, TypeError, ValueError):
-            return None
-        start = span.start_time_unix_nano + int(queue * 1e9)
-        mid = start + int(prefill * 1e9)
-        return {"prefill": (start, mid), "decode": (mid, mid + int(decode * 1e9))}
-
-    def _join(self, span, resource: dict) -> None:
+    def _join(self, span, resource: dict, peer, phase_parents: dict) -> None:
         c = self.config
         self.counters.requests += 1
         attrs = _attrs(span.attributes)
-        windows = self.windows(span, attrs)
-        outcome = "joined"
-        if windows is None:
-            # Not vLLM's contract (or an older vLLM): the whole span is one window.
-            self.counters.no_latency_attributes += 1
-            outcome = "no_latency_attributes"
-            windows = {"request": (span.start_time_unix_nano, span.end_time_unix_nano)}
+        start, end = span.start_time_unix_nano, span.end_time_unix_nano
+        lat = latencies(attrs, c, end - start)
+        instance = None if lat == "invalid_latency_attributes" else self.instance_of(resource, peer)
         offset = self.epoch_offset_ns()
-        self.buffer.wait_for(span.end_time_unix_nano - offset, self.config.wait_s)
-        pids = self.instance_pids(resource)
-        shift = self.align(windows, span.end_time_unix_nano, offset, pids) if outcome == "joined" else 0
-        windows = {phase: (start + shift, end + shift) for phase, (start, end) in windows.items()}
-        parent = SpanContext(int.from_bytes(span.trace_id, "big"), int.from_bytes(span.span_id, "big"),
-                             is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
-        totals: dict[str, list[BufferedStep]] = {}
-        for phase, (start, end) in windows.items():
-            steps = self.buffer.in_window(start - offset, end - offset, pids)
-            for s in steps:
-                s.claimed_by += 1
-            totals[phase] = steps
-            if steps:
-                self._child(phase, start, end, steps, parent)
-        every = [s for steps in totals.values() for s in steps]
-        if not every:
-            self.counters.no_steps += 1
-            outcome = "no_steps" if outcome == "joined" else outcome
-        elif outcome == "joined":
-            self.counters.joined += 1
-        summary = summarize(every)
-        for phase, steps in totals.items():
-            summary[f"cuda.{phase}.steps"] = len(steps)
-            summary[f"cuda.{phase}.launches"] = sum(s.launches for s in steps)
+        windows: dict[str, tuple[int, int]] = {}
+        lead: dict[str, list[BufferedStep]] = {}
+        ranks: dict[str, list[BufferedStep]] = {}
+        engine, n_ranks, delta, incomplete = None, 0, 0, []
+        if lat == "invalid_latency_attributes":
+            outcome = lat
+        elif instance is None:
+            outcome = "unknown_instance"
+        else:
+            self.buffer.wait_for(end - offset, c.wait_s)
+            if isinstance(lat, str):  # not vLLM's contract (or an older vLLM): the whole span is one window
+                outcome = lat
+                windows = {"request": (start, end)}
+                pids = [p for r in instance.engines.values() for p in r]
+                steps = [s for p in pids for s in self.buffer.ending_between(p, start - offset, end - offset)
+                         if s.mid_ns >= start - offset]
+                lead, ranks = {"request": steps}, {"request": steps}
+                n_ranks = len({s.pid for s in steps})
+            else:
+                match = self.match(lat, start - offset, end - offset, instance)
+                outcome = "joined" if match is not None else "no_steps"
+                if match is not None:
+                    engine, delta, lead, ranks = match.engine, match.delta, match.phases, match.ranks
+                    n_ranks = len(instance.engines[engine])
+                    prefill_end = start + lat.queue + lat.prefill + delta
+                    windows = {"prefill": (max(start, prefill_end - lat.prefill), prefill_end),
+                               "decode": (prefill_end, min(end, prefill_end + lat.decode))}
+            if windows and any(lead.values()):
+                pids = instance.engines[engine] if engine is not None else sorted({s.pid for v in ranks.values() for s in v})
+                lo = min(w[0] for w in windows.values()) - offset
+                incomplete = self.buffer.incomplete(pids, lo, max(w[1] for w in windows.values()) - offset)
+        every = [s for steps in lead.values() for s in steps]
+        if not every and outcome == "joined":
+            outcome = "no_steps"
+        if not every and outcome == "no_latency_attributes":
+            self.counters.no_steps += 1  # both: a window of the whole span, and nothing in it
+        for s in every:
+            s.claimed_by += 1
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
+        self.counters.incomplete += bool(incomplete)
+        parent_ids = {p: phase_parents.get(p, span.span_id) for p in windows}
+        for phase, (w_start, w_end) in windows.items():
+            if lead.get(phase):
+                self._child(phase, w_start, w_end, lead[phase], ranks[phase], span.trace_id, parent_ids[phase],
+                            engine, n_ranks)
+        summary = summarize(every, [s for steps in ranks.values() for s in steps])
+        for phase in windows:
+            phase_summary = summarize(lead.get(phase, []), ranks.get(phase, []))
+            for key in ("steps", "launches", "graph_launches"):
+                summary[f"cuda.{phase}.{key}"] = phase_summary[f"cuda.{key}"]
         summary["cuda.join.outcome"] = outcome
-        summary["cuda.join.shift_ns"] = shift
+        summary["cuda.join.complete"] = outcome == "joined" and not incomplete
+        if incomplete:
+            summary["cuda.join.incomplete"] = ",".join(incomplete)
+        if engine is not None:
+            summary["cuda.engine.pid"] = engine
+            summary["cuda.join.shift_ns"] = delta
+        if n_ranks:
+            summary["cuda.ranks"] = n_ranks
+        if instance is not None:
+            summary["cuda.join.instance_by"] = instance.found_by
         span.attributes.extend(_kv(k, v) for k, v in summary.items())
         record = {
             "v": 1, "type": "request", "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-            "request_id": attrs.get(c.request_id_attribute), "ts": span.start_time_unix_nano,
-            "dur_ns": span.end_time_unix_nano - span.start_time_unix_nano, "outcome": outcome,
-            "windows": {p: list(w) for p, w in windows.items()},
-            "cuda": {p: {k.removeprefix("cuda."): v for k, v in summarize(steps).items()} for p, steps in totals.items()},
+            "request_id": attrs.get(c.request_id_attribute), "ts": start, "dur_ns": end - start,
+            "outcome": outcome, "complete": summary["cuda.join.complete"], "incomplete": incomplete,
+            "engine_pid": engine, "ranks": n_ranks, "windows": {p: list(w) for p, w in windows.items()},
+            "cuda": {p: {k.removeprefix("cuda."): v for k, v in summarize(lead[p], ranks[p]).items()}
+                     for p in windows if p in lead},
         }
         if len(self.counters.by_request) < 10_000:
             self.counters.by_request.append(record)
         self.on_request(record)
 
-    def align(self, windows: dict, span_end: int, offset: int, pids: set[int] | None) -> int:
-        """How far the engine's timeline lies after the span's start (ns).
+    # -- alignment ---------------------------------------------------------------------------------------
+    def match(self, lat: Latencies, start: int, end: int, instance: Instance) -> Match | None:
+        """The engine and shift that fit the request best (times in CLOCK_MONOTONIC ns), or None."""
+        first0 = start + lat.queue + lat.prefill  # first token, were the engine's clock anchored at the arrival
+        last0 = first0 + lat.decode
+        # delta is at most how far the frontend lags the engine: it saw the first token at start + ttft and the
+        # last one before the span ended
+        max_delta = max(0, end - last0)
+        if lat.ttft is not None:
+            max_delta = min(max_delta, max(0, start + lat.ttft - first0))
+        best: Match | None = None
+        for engine, pids in instance.engines.items():
+            candidates = []
+            for pid in pids:
+                steps = self.buffer.ending_between(pid, start, end)
+                if steps:
+                    candidates.append((pid, steps))
+            if not candidates:
+                continue
+            lead_pid, steps = candidates[0]
+            found = self._fit(lat, steps, first0, last0, max_delta)
+            if found is None:
+                continue
+            score, delta, prefill, decode = found
+            if best is not None and best.score <= score:
+                continue
+            phases = {"prefill": prefill, "decode": decode}
+            others = [s for pid, s in candidates[1:]]
+            ranks = {p: v + [m for other in others for m in _nearest(v, other)] for p, v in phases.items()}
+            best = Match(engine, delta, phases, ranks, score)
+        return best
 
-        vLLM anchors the phases on the API server's arrival time, but the engine measured them after the
-        request crossed to it; the span ends after the last token came back. So the engine's [queued, last
-        token] lies somewhere in [start, end]; the slack is the two hops and the output processing. The last
-        token comes out of a step's closing sync, and so does the first: the shift is the one that puts both
-        window ends closest to step ends."""
-        prefill_end, decode_end = windows["prefill"][1], windows["decode"][1]
-        slack = max(0, span_end - decode_end)
-        candidates = self.buffer.ends_between(decode_end - offset, decode_end - offset + slack, pids)
-        if not candidates:
-            return 0
-        prefill_ends = self.buffer.ends_between(prefill_end - offset - 1, prefill_end - offset + slack + 1, pids)
+    @staticmethod
+    def _fit(lat: Latencies, steps: list[BufferedStep], first0: int, last0: int, max_delta: int):
+        """(score, delta, prefill steps, decode steps) of the best shift for one rank's steps, or None.
 
-        def miss(shift: int) -> int:  # how far the prefill end then lies from the nearest step end
-            target = prefill_end - offset + shift
-            return min((abs(e - target) for e in prefill_ends), default=0)
+        Three facts place a request on an engine's steps: its first- and last-token steps are n-1 steps apart;
+        a token is stamped shortly after its step's readback (lags small); and the step that gave the first token
+        was launched right after the scheduler took the request (vLLM's `scheduled`: first0 - prefill + delta).
+        The score is (token-count miss, scheduling gap + both lags), least first."""
+        ends = [s.end_ns for s in steps]
+        scheduled0 = first0 - lat.prefill
+        # f and i (the first- and last-token steps) change only where a step end meets first0+delta or
+        # last0+delta; the scheduling anchor is best where a step starts at scheduled0+delta
+        shifts = sorted({0, max_delta} | {e - first0 for e in ends if 0 < e - first0 < max_delta}
+                        | {e - last0 for e in ends if 0 < e - last0 < max_delta}
+                        | {s.start_ns - scheduled0 for s in steps if 0 < s.start_ns - scheduled0 < max_delta})
+        best = None
+        for delta in shifts:
+            f = bisect.bisect_right(ends, first0 + delta) - 1
+            i = bisect.bisect_right(ends, last0 + delta) - 1
+            if f < 0:
+                continue
+            miss = abs((i - f) - (lat.tokens - 1)) if lat.tokens else 0
+            lag = (first0 + delta - ends[f]) + (last0 + delta - ends[i]) + abs(steps[f].start_ns - scheduled0 - delta)
+            score = (miss, lag)
+            if best is None or score < best[0]:
+                # The prefill is the step that gave the first token. A prompt prefilled in chunks started in
+                # earlier steps, which the token lags cannot tell from the previous batch's: not claimed (docs/join.md).
+                best = (score, delta, steps[f:f + 1], steps[f + 1:i + 1])
+        return best
 
-        shifts = [e - (decode_end - offset) for e in candidates]
-        return min(shifts, key=lambda d: (miss(d), d))
-
-    def _child(self, phase: str, start: int, end: int, steps: list[BufferedStep], parent: SpanContext) -> None:
-        pid = min(s.pid for s in steps)
-        links = [Link(s.context, {"cuda.step.relation": "executed_in"}) for s in sample(steps, self.config.max_links)]
-        attrs = summarize(steps)
+    def _child(self, phase: str, start: int, end: int, lead: list[BufferedStep], every_rank: list[BufferedStep],
+               trace_id: bytes, parent_id: bytes, engine: int | None, ranks: int) -> None:
+        parent = SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(parent_id, "big"), is_remote=True,
+                             trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        links = [Link(s.context, {"cuda.step.relation": "executed_in"}) for s in sample(lead, self.config.max_links)]
+        attrs = summarize(lead, every_rank)
         attrs["cuda.steps.linked"] = len(links)
-        attrs["cuda.processes"] = len({s.pid for s in steps})
-        span = self.tracer_for(pid).start_span(
+        attrs["cuda.processes"] = len({s.pid for s in every_rank})
+        attrs["cuda.ranks"] = ranks
+        if engine is not None:
+            attrs["cuda.engine.pid"] = engine
+        span = self.tracer_for(min(s.pid for s in lead)).start_span(
             f"cuda.{phase}", kind=SpanKind.INTERNAL, start_time=start,
             context=trace.set_span_in_context(NonRecordingSpan(parent)), links=links, attributes=attrs)
-        span.end(end_time=end)
+        span.end(end_time=max(start, end))
         self.counters.children += 1
+
+
+def _nearest(lead: list[BufferedStep], other: list[BufferedStep]) -> list[BufferedStep]:
+    """The other rank's step that ends nearest each lead step (tensor-parallel ranks step in lockstep)."""
+    if not other or not lead:
+        return []
+    ends = [s.end_ns for s in other]
+    out = []
+    for s in lead:
+        i = bisect.bisect_left(ends, s.end_ns)
+        near = min((j for j in (i - 1, i) if 0 <= j < len(other)), key=lambda j: abs(ends[j] - s.end_ns))
+        out.append(other[near])
+    return out

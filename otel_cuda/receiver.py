@@ -249,11 +249,11 @@ class _BatchQueue:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._items: deque[tuple[_Signal, Callable[[Any], None], Message]] = deque()
+        self._items: deque[tuple[_Signal, Callable[..., None], Message, Any]] = deque()
         self._cond = threading.Condition()
         self._closed = False
 
-    def offer(self, item: tuple[_Signal, Callable[[Any], None], Message]) -> str:
+    def offer(self, item: tuple[_Signal, Callable[..., None], Message, Any]) -> str:
         with self._cond:
             if self._closed:
                 return SHUTTING_DOWN
@@ -263,7 +263,7 @@ class _BatchQueue:
             self._cond.notify()
             return ACCEPTED
 
-    def take(self) -> tuple[_Signal, Callable[[Any], None], Message] | None:
+    def take(self) -> tuple[_Signal, Callable[..., None], Message, Any] | None:
         with self._cond:
             while not self._items and not self._closed:
                 self._cond.wait()
@@ -274,7 +274,7 @@ class _BatchQueue:
             self._closed = True
             self._cond.notify_all()
 
-    def drain(self) -> list[tuple[_Signal, Callable[[Any], None], Message]]:
+    def drain(self) -> list[tuple[_Signal, Callable[..., None], Message, Any]]:
         with self._cond:
             items = list(self._items)
             self._items.clear()
@@ -323,8 +323,13 @@ class OtlpReceiver:
         *,
         handle_metrics: Callable[[metrics_service_pb2.ExportMetricsServiceRequest], None] | None = None,
         handle_logs: Callable[[logs_service_pb2.ExportLogsServiceRequest], None] | None = None,
+        with_peer: bool = False,
     ) -> None:
         self._config = config
+        # with_peer: handlers are called as handler(request, peer), peer = the sending connection's address
+        # (gRPC's "ipv4:HOST:PORT" / "ipv6:[HOST]:PORT", or (HOST, PORT) over HTTP): the join finds the process
+        # that sent a span from it.
+        self._with_peer = with_peer
         self._handlers: dict[str, Callable[[Any], None] | None] = {
             "traces": handle,
             "metrics": handle_metrics,
@@ -379,7 +384,7 @@ class OtlpReceiver:
             self._worker.join(max(0.0, deadline - time.monotonic()))
             if self._worker.is_alive():
                 left = self._queue.drain()
-                for signal, _, _ in left:
+                for signal, *_ in left:
                     self.counters.add(DROPPED_AT_SHUTDOWN, 1, {"signal": signal.name})
                 logger.warning("receiver shutdown timed out after %.1fs; %d batches not handled", timeout, len(left))
 
@@ -463,9 +468,12 @@ class OtlpReceiver:
             item = self._queue.take()
             if item is None:
                 return
-            signal, handler, request = item
+            signal, handler, request, peer = item
             try:
-                handler(request)
+                if self._with_peer:
+                    handler(request, peer)
+                else:
+                    handler(request)
             except Exception:  # the thread boundary: one bad request must not stop the pipeline
                 logger.exception("OTLP %s handler failed; request dropped", signal.name)
                 self.counters.add(HANDLER_ERRORS, 1, {"signal": signal.name})
@@ -477,13 +485,13 @@ class OtlpReceiver:
         if items is not None:
             self.counters.add(signal.item_counter, items, {"transport": transport, "outcome": outcome})
 
-    def _submit(self, signal: _Signal, transport: str, request: Message) -> str:
+    def _submit(self, signal: _Signal, transport: str, request: Message, peer=None) -> str:
         """Queue a decoded request; returns the outcome, already counted."""
         handler = self._handlers[signal.name]
         assert handler is not None  # callers check for UNIMPLEMENTED before decoding
         items = signal.count_items(request)
         # An empty request carries nothing to handle or forward: answer OK without using a queue slot.
-        outcome = self._queue.offer((signal, handler, request)) if items else ACCEPTED
+        outcome = self._queue.offer((signal, handler, request, peer)) if items else ACCEPTED
         self._count(signal, transport, outcome, items)
         return outcome
 
@@ -518,7 +526,7 @@ class OtlpReceiver:
             request, error = self._decode(signal, "grpc", raw, json_body=False)
             if request is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-            outcome = self._submit(signal, "grpc", request)
+            outcome = self._submit(signal, "grpc", request, context.peer())
             if outcome == QUEUE_FULL:
                 message = "otel-cuda receiver queue is full; retry later"
                 context.set_trailing_metadata(self._retry_info_metadata(message))
@@ -588,7 +596,7 @@ class OtlpReceiver:
         request, error = self._decode(signal, "http", body, json_body)
         if request is None:
             return req.reply_error(400, code_pb2.INVALID_ARGUMENT, error, json_body)
-        outcome = self._submit(signal, "http", request)
+        outcome = self._submit(signal, "http", request, req.client_address)
         if outcome == QUEUE_FULL:
             return req.reply_error(503, code_pb2.RESOURCE_EXHAUSTED, "otel-cuda receiver queue is full; retry later",
                                    json_body, retry_after=self._config.retry_after_s)

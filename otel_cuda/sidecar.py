@@ -232,13 +232,14 @@ def start(settings: SidecarConfig, probes, procfs=None, env: Mapping[str, str] =
             raise StartError(f"the OTLP upstream {fwd_config.endpoint} is this sidecar's own receiver: spans would loop")
         forwarder = Forwarder(fwd_config)
 
-        def handle(request):
+        def handle(request, peer):
             try:
-                telemetry.joiner.handle(request)
+                telemetry.joiner.handle(request, peer)
             finally:  # vLLM's spans go upstream whatever the join did
                 forwarder.forward(request)
 
-        receiver = OtlpReceiver(ReceiverConfig(grpc_address=grpc_address, http_address=http_address), handle)
+        receiver = OtlpReceiver(ReceiverConfig(grpc_address=grpc_address, http_address=http_address), handle,
+                                with_peer=True)
         try:
             receiver.start()
         except ReceiverBindError as exc:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -24,6 +25,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 
 from .discovery import ProcInfo
 from .events import Event
+from .instances import InstanceMap, ancestor_chain
 from .join import BufferedStep, Joiner, StepBuffer
 from .metrics import CudaMetrics
 from .spans import StepSpans, Tracers
@@ -229,10 +231,13 @@ class Telemetry:
                                    top_k)
         self.system = SystemView(self.tracers, clock, meter_provider.get_meter("otel_cuda"), kernel_maps)
         self.steps = StepBuffer(joiner_config)
-        self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset, self.instance_pids,
-                             on_request=on_request)
         self.processes: dict[int, ProcInfo] = {}
-        self.ancestors: dict[int, set[int]] = {}
+        self.ancestors: dict[int, tuple[int, ...]] = {}  # traced pid -> its ancestors, parent first
+        self.instances = InstanceMap(joiner_config.instance_key, lambda: dict(self.ancestors),
+                                     lambda pid: self.resources.for_pid(pid).attributes)
+        self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset, self.instances.resolve,
+                             on_request=on_request)
+        self._losses = (0, 0, time.monotonic_ns())  # ring-buffer losses and kernel-table refusals at the last look
         self.pipeline = None
         self.extra_counts: list[Callable[[], dict]] = []  # archive / receiver / forwarder stats
         SelfMetrics(self_meter_provider.get_meter("otel_cuda.self"), self.self_counts)
@@ -248,8 +253,22 @@ class Telemetry:
 
     def on_idle(self, now_ns: int) -> None:
         """The pipeline has processed every event stamped before now_ns: joins waiting on it may proceed."""
+        self._note_losses(now_ns)
         self.steps.advance(now_ns)
         self.system.on_idle(now_ns)
+
+    def _note_losses(self, now_ns: int) -> None:
+        """Loss is counted per CPU, not stamped: the interval since the last look is where it happened, and a
+        request window that overlaps it is not complete."""
+        if self.pipeline is None:
+            return
+        lost, full, since = self._losses
+        now_lost, now_full = self.pipeline.probes.lost(), self.pipeline.probes.table_full()
+        if now_lost > lost:
+            self.steps.gap(since, now_ns, "ringbuf_loss")
+        if now_full > full:
+            self.steps.gap(since, now_ns, "kernel_table_full")
+        self._losses = (now_lost, now_full, now_ns)
 
     def on_step(self, step: Step) -> None:
         self.metrics.on_step(step)
@@ -262,7 +281,8 @@ class Telemetry:
 
     def on_process(self, info: ProcInfo) -> None:
         self.processes[info.pid] = info
-        self.ancestors[info.pid] = ancestors(info.pid)
+        self.ancestors[info.pid] = ancestor_chain(info.pid)
+        self.steps.traced_since(info.pid, time.monotonic_ns())
         self.resources.for_pid(info.pid, info)
         self.system.on_process(info)
 
@@ -271,26 +291,6 @@ class Telemetry:
         self.system.on_process_exit(info)
         self.processes.pop(info.pid, None)
         # Spans of its last steps may still be joined: keep its tracer and resource until shutdown.
-
-    def instance_pids(self, resource: dict) -> set[int] | None:
-        """Traced processes of the same instance as the API server that sent this resource; None = all."""
-        key = self.joiner.config.instance_key
-        if key == "host":
-            return None
-        api_pid = resource.get("vllm.process_id")  # a string in vLLM 0.32, an int in some releases
-        try:
-            api_pid = int(api_pid) if api_pid is not None else None
-        except (TypeError, ValueError):
-            api_pid = None
-        if key == "auto" and api_pid is not None:
-            children = {pid for pid, anc in self.ancestors.items() if api_pid in anc}
-            if children:
-                return children
-        for attr in (("k8s.pod.uid", "k8s.pod.name") if key in ("auto", "pod") else ("container.id",)):
-            want = resource.get(attr)
-            if want:
-                return {pid for pid in self.ancestors if self.resources.for_pid(pid).attributes.get(attr) == want}
-        return None
 
     def self_counts(self) -> dict:
         out: dict = {"events": {}, "join": {}, "steps_evicted": self.steps.evicted}
@@ -303,7 +303,7 @@ class Telemetry:
             out["kernel_names_truncated"] = p.names.names_truncated
             out["kernel_table_full"] = p.probes.table_full()
         j = self.joiner.counters
-        out["join"] = {"joined": j.joined, "no_steps": j.no_steps, "no_latency_attributes": j.no_latency_attributes}
+        out["join"] = j.outcomes()
         for extra in self.extra_counts:
             out.update(extra())
         return out
@@ -319,18 +319,3 @@ class Telemetry:
                 provider.force_flush()
             finally:
                 provider.shutdown()
-
-
-def ancestors(pid: int, proc: str = "/proc") -> set[int]:
-    """Parent, grandparent, ... of a process (vLLM's EngineCore and workers descend from the API server)."""
-    out: set[int] = set()
-    while pid > 1 and len(out) < 64:
-        try:
-            with open(f"{proc}/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        out.add(pid)
-    return out
-
-

@@ -84,6 +84,10 @@ class KernelNames:
         self.launches_named += 1
         return name
 
+    def lookup(self, pid: int, handle: int) -> str | None:
+        """The name of a CUfunction / CUkernel handle of pid, None when not known (no counting: for collection)."""
+        return self._names.get(pid, {}).get(handle)
+
     def forget(self, pid: int) -> None:
         self._names.pop(pid, None)
 

@@ -4,12 +4,20 @@ vLLM V1 runs an API server (no CUDA), an EngineCore and, with tensor parallelism
 apart, load libcuda late (when torch initialises CUDA) and restart. So discovery rescans /proc, selects by PID,
 cmdline regex or cgroup, selects a matching process in the kernel at once (before it maps libcuda), and
 reports each new library file (by inode, seen through /proc/PID/root so containers resolve) to be attached.
+
+Everything runs on discovery's own thread, off the event path: the consumer hands exec/fork events over with
+`consider()`, which only queues (an exec storm on a busy node must not stall the ring-buffer reader). Scans are
+incremental: a process judged once is read again whole only if it execs (an exec event re-judges it) or its
+command line changes (vLLM renames its processes with setproctitle, no exec: `VLLM::EngineCore`) — only the
+command line of judged processes is re-read, every `rejudge_every` scans; only the few selected processes have
+their maps re-read, to see a library mapped late.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 import time
@@ -70,7 +78,7 @@ class ProcInfo:
 
 class ProcFS(Protocol):
     def pids(self) -> Iterable[int]: ...
-    def info(self, pid: int, library: re.Pattern) -> ProcInfo | None: ...
+    def info(self, pid: int, library: re.Pattern | None) -> ProcInfo | None: ...  # library None: maps not read
 
 
 class LiveProcFS:
@@ -84,11 +92,12 @@ class LiveProcFS:
             if name.isdigit():
                 yield int(name)
 
-    def info(self, pid: int, library: re.Pattern = LIBCUDA) -> ProcInfo | None:
+    def info(self, pid: int, library: re.Pattern | None = LIBCUDA) -> ProcInfo | None:
         base = f"{self.root}/{pid}"
+        cmdline = self.cmdline(pid)
+        if cmdline is None:
+            return None
         try:
-            with open(f"{base}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
             with open(f"{base}/stat", "rb") as f:
                 stat = f.read().decode("utf-8", "replace")
             start_time = int(stat.rsplit(")", 1)[1].split()[19])
@@ -96,7 +105,15 @@ class LiveProcFS:
                 cgroups = tuple(line.strip().split(":", 2)[2] for line in f if line.count(":") >= 2)
         except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
             return None
-        return ProcInfo(pid, cmdline, cgroups, start_time, tuple(self.libraries(pid, library)))
+        return ProcInfo(pid, cmdline, cgroups, start_time,
+                        tuple(self.libraries(pid, library)) if library is not None else ())
+
+    def cmdline(self, pid: int) -> str | None:
+        try:
+            with open(f"{self.root}/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            return None
 
     def libraries(self, pid: int, library: re.Pattern) -> list[Library]:
         found: dict[tuple[int, int], Library] = {}
@@ -132,6 +149,9 @@ class DiscoveryCounters:
     processes_exited: int = 0
     without_library: int = 0
     attach_failures: int = 0
+    considered: int = 0  # exec / fork events handed over by the consumer
+    considered_dropped: int = 0  # ... refused because discovery's queue was full (the next scan still sees them)
+    scanned_full: int = 0  # processes read whole (cmdline, stat, cgroup) by scans: new pids only
     detail: list[str] = field(default_factory=list)
 
 
@@ -171,6 +191,10 @@ class Discovery:
         self._lock = threading.RLock()  # scan() runs on its thread, consider() on the pipeline's
         self._libraries: dict[tuple[int, int], Library] = {}
         self._self_pid = os.getpid()
+        self._judged: dict[int, str] = {}  # pid -> cmdline, seen and not selected; an exec event re-judges one
+        self.rejudge_every = 5  # scans between re-reads of the judged processes' command lines
+        self._scans = 0
+        self._pending: queue.Queue = queue.Queue(maxsize=65536)  # (pid, inherited) from the consumer
 
     def check_explicit_pids(self) -> None:
         """--pid names processes that must exist at start: say so at once rather than trace nothing. When
@@ -197,15 +221,40 @@ class Discovery:
         return {pid: t.info for pid, t in self._tracked.items()}
 
     def consider(self, pid: int, inherited: bool = False) -> None:
-        """Look at one process now (it just exec'd, or a traced process forked it: `inherited`, then it is
-        traced whatever its command line, as the kernel already does)."""
+        """A process just exec'd, or a traced process forked it (`inherited`: then it is traced whatever its
+        command line, as the kernel already does). Only queues: discovery's thread looks at it within a wakeup."""
+        self.counters.considered += 1
+        try:
+            self._pending.put_nowait((pid, inherited))
+        except queue.Full:
+            self.counters.considered_dropped += 1
+
+    def consider_now(self, pid: int, inherited: bool = False) -> None:
+        """Look at one process now (discovery's thread)."""
         with self._lock:
             if pid in self._tracked or pid == self._self_pid:
                 return
+            self._judged.pop(pid, None)  # an exec: its command line may match now
             info = self.procfs.info(pid, self.library)
-            if info is None or not (inherited or (self.selector.matches(info) and self.admit(pid))):
+            if info is None:
+                return
+            if not (inherited or (self.selector.matches(info) and self.admit(pid))):
+                self._judged[pid] = info.cmdline
                 return
             self._track(info)
+
+    def _take_pending(self, timeout: float) -> None:
+        """Handle queued exec / fork events, waiting up to `timeout` for the first."""
+        try:
+            item = self._pending.get(timeout=timeout) if timeout > 0 else self._pending.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self.consider_now(*item)
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                return
 
     def _track(self, info: ProcInfo) -> "_Tracked":
         known = self._tracked[info.pid] = _Tracked(info)
@@ -230,18 +279,35 @@ class Discovery:
 
     def _scan(self) -> None:
         seen: set[int] = set()
-        for pid in self.procfs.pids():
-            if pid == self._self_pid:
+        running = set(self.procfs.pids())
+        for pid in [p for p in self._judged if p not in running]:  # gone; a reused pid is new again
+            del self._judged[pid]
+        self._scans += 1
+        if self._scans % self.rejudge_every == 0:  # renamed without an exec: judge again
+            for pid, cmdline in list(self._judged.items()):
+                if self._cmdline(pid) != cmdline:
+                    del self._judged[pid]
+        for pid in running:
+            if pid == self._self_pid or pid in self._judged:
                 continue
             known = self._tracked.get(pid)
+            if known is None:  # a new pid: is it selected? (maps only once it is)
+                self.counters.scanned_full += 1
+                brief = self.procfs.info(pid, None)
+                if brief is None:
+                    continue
+                if not (self.selector.matches(brief) and self.admit(pid)):
+                    self._judged[pid] = brief.cmdline
+                    continue
             info = self.procfs.info(pid, self.library)
             if info is None:
                 continue
             if known and known.info.start_time != info.start_time:
                 self._forget(pid)  # the pid was reused by a new process
                 known = None
-            if known is None and not (self.selector.matches(info) and self.admit(pid)):
-                continue
+                if not (self.selector.matches(info) and self.admit(pid)):
+                    self._judged[pid] = info.cmdline
+                    continue
             seen.add(pid)
             if known is None:
                 self._track(info)
@@ -251,6 +317,13 @@ class Discovery:
         for pid in [p for p in self._tracked if p not in seen]:
             self._forget(pid)
         self._release_unused()
+
+    def _cmdline(self, pid: int) -> str | None:
+        read = getattr(self.procfs, "cmdline", None)
+        if read is not None:
+            return read(pid)
+        info = self.procfs.info(pid, None)
+        return info.cmdline if info else None
 
     def _forget(self, pid: int) -> None:
         tracked = self._tracked.pop(pid)
@@ -273,9 +346,15 @@ class Discovery:
                 self.on_library_unused(self._libraries.pop(identity))
 
     def run(self, stop: threading.Event) -> None:
+        next_scan = 0.0
         while not stop.is_set():
             try:
-                self.scan()
+                now = time.monotonic()
+                if now >= next_scan:
+                    self.scan()
+                    next_scan = now + self.interval_s
+                # exec / fork events between scans; short waits so that stop is seen within 0.1 s
+                self._take_pending(min(0.1, max(0.0, next_scan - time.monotonic())))
             except Exception:
                 log.exception("discovery scan failed; retrying")
-            stop.wait(self.interval_s)
+                stop.wait(self.interval_s)

@@ -197,6 +197,7 @@ class Match:
     """The steps of one engine that a request took part in, per phase and rank."""
 
     engine: int
+    rank_pids: tuple  # the engine's processes that ran steps in the request's span (a short-lived child is none)
     delta: int  # the engine's timeline lies this far after the span's anchors (ns)
     phases: dict  # phase -> list of the lead rank's steps
     ranks: dict  # phase -> list of every rank's steps (the lead's included)
@@ -333,12 +334,12 @@ class Joiner:
                 outcome = "joined" if match is not None else "no_steps"
                 if match is not None:
                     engine, delta, lead, ranks = match.engine, match.delta, match.phases, match.ranks
-                    n_ranks = len(instance.engines[engine])
+                    n_ranks = len(match.rank_pids)
                     prefill_end = start + lat.queue + lat.prefill + delta
                     windows = {"prefill": (max(start, prefill_end - lat.prefill), prefill_end),
                                "decode": (prefill_end, min(end, prefill_end + lat.decode))}
             if windows and any(lead.values()):
-                pids = instance.engines[engine] if engine is not None else sorted({s.pid for v in ranks.values() for s in v})
+                pids = sorted({s.pid for v in ranks.values() for s in v})
                 lo = min(w[0] for w in windows.values()) - offset
                 incomplete = self.buffer.incomplete(pids, lo, max(w[1] for w in windows.values()) - offset)
         every = [s for steps in lead.values() for s in steps]
@@ -413,7 +414,7 @@ class Joiner:
             phases = {"prefill": prefill, "decode": decode}
             others = [s for pid, s in candidates[1:]]
             ranks = {p: v + [m for other in others for m in _nearest(v, other)] for p, v in phases.items()}
-            best = Match(engine, delta, phases, ranks, score)
+            best = Match(engine, tuple(pid for pid, _ in candidates), delta, phases, ranks, score)
         return best
 
     @staticmethod

@@ -321,3 +321,12 @@ def test_join_waits_for_the_pipeline_to_catch_up():
     req = llm_request(t0, t0 + 45 * MS, 10 * MS, 12 * MS, 20 * MS, tokens=2)
     joiner.handle(req)
     assert (span_attrs(req)["cuda.prefill.launches"], span_attrs(req)["cuda.decode.launches"]) == (30, 5)
+
+
+def test_a_process_of_the_engine_without_steps_is_not_a_rank():
+    """vLLM's worker forks `file -b python3` at start (platform.architecture()): traced, gone, never a rank."""
+    joiner, buf, _, _ = make({100: (100, 555)})
+    _, requests = simulate(buf, [(100, [100], (6, 9))], 1, seed=2)
+    req = span_of(requests[0])
+    joiner.handle(req)
+    assert span_attrs(req)["cuda.ranks"] == 1

@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from .archive_read import ErrorPrinter, add_input_arguments, iter_records, s3_client_for
+from .demangle import readable
 
 LAUNCH = {"cuLaunchKernel", "cuLaunchKernelEx", "cuLaunchCooperativeKernel",
           "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel"}
@@ -117,7 +118,7 @@ def analyze(records: Iterable[dict], top: int = 15) -> dict:
             if r.get("nested"):
                 continue  # the enclosing runtime call already counts the work below
             if func in LAUNCH:
-                kernels[r.get("kernel") or "unknown"] += 1
+                kernels[readable(r.get("kernel")) or "unknown"] += 1
             if func in SYNC:
                 th[2] += dur
                 th[3] += 1

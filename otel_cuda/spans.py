@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from . import probes
 from .clock import MonotonicToEpoch
+from .demangle import readable
 from .events import Event
 from .records import moved_bytes, symbol
 from .steps import Step
@@ -63,7 +64,9 @@ def call_attributes(ev: Event, kernel: str | None) -> dict:
         attrs["cuda.memory.bytes"] = ev.args[1]
         attrs["cuda.memory.type"] = p.memory_type
     if kernel:
-        attrs["cuda.kernel.name"] = kernel
+        attrs["cuda.kernel.name"] = readable(kernel)
+        if attrs["cuda.kernel.name"] != kernel:
+            attrs["cuda.kernel.mangled_name"] = kernel
     return attrs
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from .archive_read import ErrorPrinter, add_input_arguments, iter_records, s3_client_for
+from .demangle import readable
 
 REQUESTS_PID = 0  # traced processes have pids > 0; 0 is free for the requests track
 _DAY_NS = 86_400 * 10**9
@@ -89,7 +90,7 @@ def write_trace(records: Iterable[dict], out: TextIO, on_skip=None) -> dict:
         for k in ("result", "step", "kernel", "nested", "phase"):
             if r.get(k) is not None:
                 args[k] = r[k]
-        kernel = r.get("kernel")
+        kernel = readable(r.get("kernel"))
         name = kernel if kernel and kernel != "unknown" else func
         if kernel:
             args["func"] = func

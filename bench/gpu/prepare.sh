@@ -11,7 +11,7 @@ pip="$root/.venv/bin/pip"
 ver() { "$pip" show "$1" 2>/dev/null | awk '/^Version:/{print $2}'; }
 pkgs=()
 for p in opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto \
-         googleapis-common-protos; do
+         googleapis-common-protos cxxfilt; do
   v=$(ver "$p"); [ -n "$v" ] && pkgs+=("$p==$v") || pkgs+=("$p")
 done
 target=${TARGET:-.gpu/py}

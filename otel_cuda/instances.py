@@ -82,14 +82,15 @@ def socket_owner(peer: tuple[str, int], candidates: Iterable[int], proc: str = "
                     next(f, None)
                     for line in f:
                         fields = line.split()
-                        if len(fields) > 9 and fields[1] in want:
+                        # inode 0: a closed connection's TIME_WAIT entry, which may share the address
+                        if len(fields) > 9 and fields[1] in want and fields[9] != "0":
                             inode = fields[9]
                             break
             except OSError:
                 continue
             if inode:
                 break
-        if not inode or inode == "0":
+        if not inode:
             continue
         target = f"socket:[{inode}]"
         try:
@@ -130,18 +131,17 @@ class InstanceMap:
         self._attributes_of = attributes_of
         self._proc = proc
         self._peers: dict[tuple[str, int], int] = {}  # a connection's peer -> its process (connections persist)
+        self._unknown: set = set()  # senders already reported as matching nothing
 
     def resolve(self, resource: dict, peer=None) -> Instance | None:
         traced = self._traced()
         if self.key == "host":  # one instance: every traced process, each its own engine
             return Instance(None, {pid: (pid,) for pid in sorted(traced)}, "host")
         if self.key == "auto":
-            api = self._by_peer(parse_peer(peer), traced)
-            how = "peer"
-            if api is None:
-                api, how = self._by_process_id(resource.get("vllm.process_id"), traced), "process_id"
-            if api is not None:
-                engines = _engines(api, traced)
+            for how, find in (("peer", lambda: self._by_peer(parse_peer(peer), traced)),
+                              ("process_id", lambda: self._by_process_id(resource.get("vllm.process_id"), traced))):
+                api = find()
+                engines = _engines(api, traced) if api is not None else None
                 if engines:
                     return Instance(api, engines, how)
         for attr, how in ((("k8s.pod.uid", "pod"), ("k8s.pod.name", "pod")) if self.key in ("auto", "pod")
@@ -151,6 +151,12 @@ class InstanceMap:
                 pids = sorted(p for p in traced if self._attributes_of(p).get(attr) == want)
                 if pids:
                     return Instance(None, {pid: (pid,) for pid in pids}, how)
+        key = (str(peer), resource.get("vllm.process_id"))
+        if key not in self._unknown:  # once per sender: a misconfigured selection would repeat it per request
+            self._unknown.add(key)
+            log.warning("a request span from %s (vllm.process_id %s, sent by process %s) matches no traced process: "
+                        "its CUDA work is not joined (outcome unknown_instance); is its engine selected?",
+                        peer, resource.get("vllm.process_id"), self._peers.get(parse_peer(peer)))
         return None
 
     def _by_peer(self, peer: tuple[str, int] | None, traced: dict) -> int | None:

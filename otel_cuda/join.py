@@ -62,7 +62,7 @@ class JoinConfig:
     max_steps: int = 200_000  # memory cap (~200 bytes a step)
     max_links: int = 16
     wait_s: float = 5.0  # how long a join waits for the pipeline to catch up with the span's end
-    tolerance_ns: int = 1_000_000  # float-seconds rounding allowed when checking a span's latencies
+    tolerance_ns: int = 200_000  # slack for float-second rounding and the epoch->monotonic conversion
 
 
 @dataclass
@@ -77,6 +77,7 @@ class BufferedStep:
     sync_ns: int
     context: SpanContext | None
     claimed_by: int = 0  # requests joined so far that took part in this step
+    sealed_ns: int = -1  # when its readback was issued (-1: not seen)
 
     @property
     def mid_ns(self) -> int:
@@ -202,6 +203,7 @@ class Match:
     phases: dict  # phase -> list of the lead rank's steps
     ranks: dict  # phase -> list of every rank's steps (the lead's included)
     score: tuple
+    ambiguous: bool = False  # the request could have run on another engine as well
 
 
 def _attrs(kvs) -> dict:
@@ -314,7 +316,7 @@ class Joiner:
         windows: dict[str, tuple[int, int]] = {}
         lead: dict[str, list[BufferedStep]] = {}
         ranks: dict[str, list[BufferedStep]] = {}
-        engine, n_ranks, delta, incomplete = None, 0, 0, []
+        engine, n_ranks, delta, incomplete, match = None, 0, 0, [], None
         if lat == "invalid_latency_attributes":
             outcome = lat
         elif instance is None:
@@ -342,6 +344,8 @@ class Joiner:
                 pids = sorted({s.pid for v in ranks.values() for s in v})
                 lo = min(w[0] for w in windows.values()) - offset
                 incomplete = self.buffer.incomplete(pids, lo, max(w[1] for w in windows.values()) - offset)
+                if match is not None and match.ambiguous:
+                    incomplete.append("ambiguous_engine")
         every = [s for steps in lead.values() for s in steps]
         if not every and outcome == "joined":
             outcome = "no_steps"
@@ -387,65 +391,84 @@ class Joiner:
 
     # -- alignment ---------------------------------------------------------------------------------------
     def match(self, lat: Latencies, start: int, end: int, instance: Instance) -> Match | None:
-        """The engine and shift that fit the request best (times in CLOCK_MONOTONIC ns), or None."""
-        first0 = start + lat.queue + lat.prefill  # first token, were the engine's clock anchored at the arrival
-        last0 = first0 + lat.decode
-        # delta is at most how far the frontend lags the engine: it saw the first token at start + ttft and the
-        # last one before the span ended
-        max_delta = max(0, end - last0)
+        """The engine and prefill step that fit the request best (times in CLOCK_MONOTONIC ns), or None."""
+        scheduled0 = start + lat.queue  # vLLM's `scheduled`, were the engine's clock anchored at the arrival
+        # delta (the engine's lag behind the frontend's arrival) is at most how far the frontend lags the engine:
+        # it saw the first token at start + ttft and the last one before the span ended
+        max_delta = max(0, end - (scheduled0 + lat.prefill + lat.decode))
         if lat.ttft is not None:
-            max_delta = min(max_delta, max(0, start + lat.ttft - first0))
-        best: Match | None = None
+            max_delta = min(max_delta, max(0, start + lat.ttft - scheduled0 - lat.prefill))
+        fits = []
         for engine, pids in instance.engines.items():
-            candidates = []
-            for pid in pids:
-                steps = self.buffer.ending_between(pid, start, end)
-                if steps:
-                    candidates.append((pid, steps))
-            if not candidates:
+            ranks = [(pid, steps) for pid in pids if (steps := self.buffer.ending_between(pid, start, end))]
+            if not ranks:
                 continue
-            lead_pid, steps = candidates[0]
-            found = self._fit(lat, steps, first0, last0, max_delta)
-            if found is None:
-                continue
-            score, delta, prefill, decode = found
-            if best is not None and best.score <= score:
-                continue
-            phases = {"prefill": prefill, "decode": decode}
-            others = [s for pid, s in candidates[1:]]
-            ranks = {p: v + [m for other in others for m in _nearest(v, other)] for p, v in phases.items()}
-            best = Match(engine, tuple(pid for pid, _ in candidates), delta, phases, ranks, score)
-        return best
+            lead = ranks[0][1]
+            ends = [s.end_ns for s in lead]  # a step's tokens exist once every rank has read it back
+            # the other ranks' steps a little beyond the span too: a rank whose last step ended just after it
+            others = [a for pid, _ in ranks[1:]
+                      if len(a := _aligned(lead, self.buffer.ending_between(pid, start - 10**9, end + 10**9)))
+                      == len(lead)]
+            for aligned in others:
+                ends = [max(e, o.end_ns) for e, o in zip(ends, aligned)]
+            fits += [(score, engine, (ranks, others), delta, k, i)
+                     for score, delta, k, i in self._fits(lat, lead, ends, scheduled0, max_delta,
+                                                          same_thread=len(pids) == 1 and pids[0] == engine)]
+        if not fits:
+            return None
+        fits.sort(key=lambda f: f[0])
+        score, engine, (ranks, others), delta, k, i = fits[0]
+        every_rank = [ranks[0][1]] + others
+        phases = {"prefill": every_rank[0][k:k + 1], "decode": every_rank[0][k + 1:i + 1]}
+        every = {"prefill": [r[k] for r in every_rank], "decode": [s for r in every_rank for s in r[k + 1:i + 1]]}
+        # another engine where the request could have run without breaking a fact: timing alone cannot decide
+        # (data-parallel engines in lockstep, as with MoE models); the counts are the best fit's, said to be unsure
+        ambiguous = any(f[1] != engine and f[0][0] == 0 for f in fits[1:])
+        return Match(engine, tuple(pid for pid, _ in ranks), delta, phases, every, score, ambiguous)
 
-    @staticmethod
-    def _fit(lat: Latencies, steps: list[BufferedStep], first0: int, last0: int, max_delta: int):
-        """(score, delta, prefill steps, decode steps) of the best shift for one rank's steps, or None.
+    def _fits(self, lat: Latencies, steps: list[BufferedStep], ends: list[int], scheduled0: int, max_delta: int,
+              same_thread: bool = False):
+        """(score, delta, prefill step index, last-token step index) of each placement of the request on one
+        rank's steps (sorted by end; `ends`: when every rank had read each back) that is possible.
 
-        Three facts place a request on an engine's steps: its first- and last-token steps are n-1 steps apart;
-        a token is stamped shortly after its step's readback (lags small); and the step that gave the first token
-        was launched right after the scheduler took the request (vLLM's `scheduled`: first0 - prefill + delta).
-        The score is (token-count miss, scheduling gap + both lags), least first."""
-        ends = [s.end_ns for s in steps]
-        scheduled0 = first0 - lat.prefill
-        # f and i (the first- and last-token steps) change only where a step end meets first0+delta or
-        # last0+delta; the scheduling anchor is best where a step starts at scheduled0+delta
-        shifts = sorted({0, max_delta} | {e - first0 for e in ends if 0 < e - first0 < max_delta}
-                        | {e - last0 for e in ends if 0 < e - last0 < max_delta}
-                        | {s.start_ns - scheduled0 for s in steps if 0 < s.start_ns - scheduled0 < max_delta})
-        best = None
-        for delta in shifts:
-            f = bisect.bisect_right(ends, first0 + delta) - 1
-            i = bisect.bisect_right(ends, last0 + delta) - 1
-            if f < 0:
-                continue
-            miss = abs((i - f) - (lat.tokens - 1)) if lat.tokens else 0
-            lag = (first0 + delta - ends[f]) + (last0 + delta - ends[i]) + abs(steps[f].start_ns - scheduled0 - delta)
-            score = (miss, lag)
-            if best is None or score < best[0]:
-                # The prefill is the step that gave the first token. A prompt prefilled in chunks started in
-                # earlier steps, which the token lags cannot tell from the previous batch's: not claimed (docs/join.md).
-                best = (score, delta, steps[f:f + 1], steps[f + 1:i + 1])
-        return best
+        The facts, for a prefill step k and n = completion tokens (one per step: the last-token step is i = k+n-1):
+        the scheduler took the request before step k's first launch — and, where the engine launches the steps
+        itself (`same_thread`: one rank, vLLM's UniProcExecutor schedules and launches on one thread), after step
+        k-1's readback was issued; a token is stamped after its step's readback ended and before the step two
+        later was launched (with async scheduling the engine processes a step's output while the next one runs,
+        and must have it before scheduling the one after); and delta lies in [0, max_delta].
+        (Tensor-parallel workers get each step over IPC: their steps lag the scheduler.)
+        Each fact bounds delta; a placement whose bounds cross breaks a fact by that much. The score is (what
+        the facts are broken by, the two token lags at the least delta the facts allow): tokens are stamped soon
+        after their step's readback, so of the placements that break nothing, the one with the least lags ran it
+        (a step earlier adds a step's time to both lags and was launched before the request could be scheduled;
+        a step later ends after its token was stamped, unless the lag exceeds a step)."""
+        tol = self.config.tolerance_ns
+        first0 = scheduled0 + lat.prefill
+        last0 = first0 + lat.decode
+        out = []
+        for k, step in enumerate(steps):
+            if step.start_ns < scheduled0 - tol:
+                continue  # launched before the request can have been scheduled
+            if lat.tokens:
+                i = k + lat.tokens - 1
+                if i >= len(steps):
+                    continue
+            else:
+                i = max(k, bisect.bisect_right(ends, last0 + step.start_ns - scheduled0) - 1)
+            low = max(0, ends[k] - first0, ends[i] - last0)
+            if same_thread and k and steps[k - 1].sealed_ns >= 0:
+                low = max(low, steps[k - 1].sealed_ns - scheduled0)
+            high = min(max_delta, step.start_ns - scheduled0,
+                       # ... and the engine stamped a step's tokens before it could schedule two steps later
+                       # (vLLM's batch queue holds two steps), so before that step's first launch
+                       steps[k + 2].start_ns - first0 if k + 2 < len(steps) else max_delta,
+                       steps[i + 2].start_ns - last0 if i + 2 < len(steps) else max_delta)
+            broken = max(0, low - high - tol)
+            delta = min(max(low, 0), max(high, 0))
+            lags = (first0 + delta - ends[k]) + (last0 + delta - ends[i])
+            out.append(((broken, lags), delta, k, i))
+        return out
 
     def _child(self, phase: str, start: int, end: int, lead: list[BufferedStep], every_rank: list[BufferedStep],
                trace_id: bytes, parent_id: bytes, engine: int | None, ranks: int) -> None:
@@ -465,14 +488,15 @@ class Joiner:
         self.counters.children += 1
 
 
-def _nearest(lead: list[BufferedStep], other: list[BufferedStep]) -> list[BufferedStep]:
-    """The other rank's step that ends nearest each lead step (tensor-parallel ranks step in lockstep)."""
+def _aligned(lead: list[BufferedStep], other: list[BufferedStep]) -> list[BufferedStep]:
+    """The other rank's steps that are the lead's, in the lead's order (tensor-parallel ranks run the same steps in
+    the same order, a little apart in time): the run of as many consecutive steps whose ends lie nearest the
+    lead's over the whole list; [] when the other rank has not as many."""
     if not other or not lead:
         return []
-    ends = [s.end_ns for s in other]
-    out = []
-    for s in lead:
-        i = bisect.bisect_left(ends, s.end_ns)
-        near = min((j for j in (i - 1, i) if 0 <= j < len(other)), key=lambda j: abs(ends[j] - s.end_ns))
-        out.append(other[near])
-    return out
+    near = bisect.bisect_left([s.end_ns for s in other], lead[0].end_ns)
+    runs = range(max(0, near - 2), min(len(other) - len(lead), near + 2) + 1)
+    if not runs:
+        return []
+    best = min(runs, key=lambda j: sum(abs(other[j + n].end_ns - s.end_ns) for n, s in enumerate(lead)))
+    return other[best:best + len(lead)]

@@ -274,7 +274,8 @@ class Telemetry:
         self.metrics.on_step(step)
         context = self.spans.on_step(step)
         self.steps.add(BufferedStep(step.pid, step.start_ns, step.end_ns, step.launches, step.graph_launches,
-                                    step.memcpy_bytes, step.api_ns, step.sync_ns, context))
+                                    step.memcpy_bytes, step.api_ns, step.sync_ns, context,
+                                    sealed_ns=step.sealed_ns))
 
     def on_outlier(self, ev: Event, kernel: str | None) -> None:
         self.spans.on_outlier(ev, kernel)

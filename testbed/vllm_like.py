@@ -130,7 +130,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_LIBCUDA = HERE / "build" / "libcuda.so.1"
 DEFAULT_SYNC_US = 200  # what the fake blocks inside each sync call (FAKE_CUDA_SYNC_US)
-DEFAULT_GPU_US = 2000  # the simulated GPU time of one step's forward pass
+DEFAULT_GPU_US = 8000  # one step's forward pass: a small model's decode step on a GPU takes ~5-30 ms
 MAX_KEPT_STEPS = 200_000  # ground truth is bounded: a long demo keeps the latest steps / requests
 MAX_KEPT_REQUESTS = 50_000
 DEFAULT_MAX_TOKENS = 16
@@ -369,9 +369,12 @@ class SimulatedGpu:
         """The step's input copy was queued: → when the GPU reaches it (the step's GPU start)."""
         return max(time.monotonic_ns(), self.free_ns)
 
-    def end_step(self, gpu_start_ns: int) -> int:
-        """The step's last call was queued: → when the GPU finishes the step (not before that call was issued)."""
-        self.free_ns = max(gpu_start_ns + self.gpu_ns, time.monotonic_ns())
+    def end_step(self, gpu_start_ns: int, n_new: int, n_decoding: int) -> int:
+        """The step's last call was queued: → when the GPU finishes the step (not before that call was issued).
+        Like a real forward pass its time grows with the work in the batch: a prompt costs far more than a
+        decoded token, so engines with different batches step at different paces."""
+        work = self.gpu_ns * (0.6 + 0.3 * n_new + 0.05 * n_decoding)
+        self.free_ns = max(gpu_start_ns + int(work), time.monotonic_ns())
         return self.free_ns
 
     def wait_before_sync(self, done_ns: int):
@@ -582,7 +585,7 @@ class GpuModel:
         event = self.copy_events[self._copies % len(self.copy_events)]
         self._copies += 1
         d.cuEventRecord(event, self.copy_stream)
-        return Launched(start, launches, graphs, event, self.gpu.end_step(gpu_start))
+        return Launched(start, launches, graphs, event, self.gpu.end_step(gpu_start, n_new, n_decoding))
 
     def wait_output(self, launched: Launched) -> int:
         """Async scheduling, the output thread: AsyncOutput.get_output's copy_event.synchronize() → its return."""
@@ -598,7 +601,7 @@ class GpuModel:
         start, launches, graphs = self._forward(n_new, n_decoding)
         d.cuMemcpyDtoHAsync_v2(self.sampled_host, self.sampled_dev.value, 8 * n, self.stream)
         d.cuEventRecord(self.transfer_event, self.stream)
-        self.gpu.wait_before_sync(self.gpu.end_step(gpu_start))
+        self.gpu.wait_before_sync(self.gpu.end_step(gpu_start, n_new, n_decoding))
         d.cuEventSynchronize(self.transfer_event)
         return start, time.monotonic_ns(), launches, graphs
 

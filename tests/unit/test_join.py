@@ -112,13 +112,15 @@ class Engine:
                 t = min(r.queued for r in waiting)
                 continue
             start = t + MS // 10  # launched right after scheduling
-            end = max(start, prev_end) + int(self.rng.uniform(*self.period_ms) * MS)
+            sealed = start + self.rng.randint(MS // 5, MS)  # the launches issued, the readback copy too
+            end = max(sealed, prev_end) + int(self.rng.uniform(*self.period_ms) * MS)
             n = self.rng.randint(*self.launches)
             k = len(self.steps)
             self.steps.append((start, end, n))
             for rank in self.ranks:
                 jitter = self.rng.randint(0, 200_000)  # ranks' readbacks end a little apart
-                self.buf.add(BufferedStep(rank, start, end + jitter, n, 0, 64, 0, 0, SpanContext(0x99, k + 1, False)))
+                self.buf.add(BufferedStep(rank, start, end + jitter, n, 0, 64, 0, 0, SpanContext(0x99, k + 1, False),
+                                          sealed_ns=sealed))
             stamp = end + self.rng.randint(1 * MS, 4 * MS)  # vLLM stamps the tokens after processing the output
             for r in running:
                 if not r.prefill:
@@ -134,7 +136,7 @@ class Engine:
             prev_end = end
             # async scheduling with vLLM's batch queue of 2: the next step is scheduled while this one runs, but
             # not before the previous step's output was processed
-            t = max(start + self.rng.randint(MS // 2, 2 * MS), prev_stamp)
+            t = max(sealed + self.rng.randint(MS // 10, MS), prev_stamp)
             prev_stamp = stamp
 
     def expected(self, r, phase):
@@ -163,6 +165,9 @@ def span_of(r):
 
 
 def check_every_request_is_exact(engines_spec, n=40, seeds=range(5)):
+    """Every request joined with exactly its steps, or — only where another engine fits the facts as well — said
+    to be unsure (`cuda.join.complete=false`, `ambiguous_engine`). Returns how many were unsure."""
+    unsure = 0
     for seed in seeds:
         joiner, buf, exporter, records = make({pid: tuple(ranks) for pid, ranks, _ in engines_spec})
         engines, requests = simulate(buf, engines_spec, n, seed)
@@ -174,21 +179,28 @@ def check_every_request_is_exact(engines_spec, n=40, seeds=range(5)):
             want = {"cuda.join.outcome": "joined", "cuda.engine.pid": e.pid, "cuda.ranks": len(e.ranks),
                     **{f"cuda.{p}.{k}": v for p in ("prefill", "decode")
                        for k, v in zip(("steps", "launches"), e.expected(r, p))}}
+            if got.get("cuda.join.incomplete") == "ambiguous_engine":
+                unsure += 1
+                assert got["cuda.join.complete"] is False and len(engines) > 1
+                continue
             assert {k: got.get(k) for k in want} == want, f"seed {seed}, request {r.id}"
             assert got["cuda.join.complete"] is True
         assert joiner.counters.joined == n
+    return unsure
 
 
 def test_async_scheduling_with_token_lag_places_every_request_on_its_own_steps():
-    check_every_request_is_exact([(100, [100], (6, 9))])
+    assert check_every_request_is_exact([(100, [100], (6, 9))]) == 0
 
 
 def test_data_parallel_engines_each_request_on_the_engine_that_ran_it():
-    check_every_request_is_exact([(100, [100], (5, 8)), (200, [200], (7, 11))])
+    """Two engines stepping side by side: where both fit every fact, the join says so instead of guessing."""
+    unsure = check_every_request_is_exact([(100, [100], (5, 8)), (200, [200], (7, 11))])
+    assert unsure <= 200 // 10, f"{unsure} of 200 requests could not be placed on one engine"
 
 
 def test_tensor_parallel_ranks_counted_once_launches_summed():
-    check_every_request_is_exact([(100, [101, 102], (6, 9))], n=20, seeds=range(2))
+    assert check_every_request_is_exact([(100, [101, 102], (6, 9))], n=20, seeds=range(2)) == 0
 
 
 def test_children_are_in_the_callers_trace_with_links_to_the_steps():

@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,7 +46,8 @@ typedef unsigned long long u64;
     X(cuEventCreate) X(cuEventRecord) X(cuEventRecordWithFlags) X(cuEventSynchronize) X(cuEventDestroy_v2) X(cuGraphCreate)           \
     X(cuGraphInstantiateWithFlags) X(cuGraphExecDestroy) X(cuGraphDestroy) X(cuGraphLaunch)                 \
     X(cuModuleLoadData) X(cuModuleLoadDataEx) X(cuModuleUnload) X(cuModuleGetFunction) X(cuLibraryLoadData) \
-    X(cuLibraryUnload) X(cuLibraryGetKernel) X(cuKernelGetFunction) X(cuLaunchKernel) X(cuLaunchKernelEx)   \
+    X(cuLibraryUnload) X(cuLibraryGetKernel) X(cuKernelGetFunction) X(cuFuncGetName) X(cuKernelGetName)     \
+    X(cuLaunchKernel) X(cuLaunchKernelEx)                                                                   \
     X(cuLaunchCooperativeKernel) X(cuMemAlloc_v2) X(cuMemAllocAsync) X(cuMemAllocManaged)                   \
     X(cuMemAllocHost_v2) X(cuMemHostAlloc) X(cuMemCreate) X(cuMemFree_v2) X(cuMemFreeAsync) X(cuMemFreeHost) \
     X(cuMemRelease) X(cuMemcpy) X(cuMemcpyAsync) X(cuMemcpyHtoD_v2) X(cuMemcpyDtoH_v2) X(cuMemcpyDtoD_v2)    \
@@ -168,6 +170,70 @@ enum htype {
 
 static u64 g_handle_seq;
 
+/* ------------------------------------------------------------------ CUfunction / CUkernel objects
+ *
+ * As in NVIDIA's driver (measured on 580.159.04 / CUDA 13.0 / H200 with bench/gpu/late_attach.py, results in
+ * bench/results/late-attach-h200.json), a CUfunction or CUkernel handle is the address of a driver object that
+ * starts with its type (u32: 1 CUfunction, 2 CUkernel; a CUfunction's first u64 reads 0x1_0000_0001) and holds at
+ * offset 8 the pointer to the kernel's name — the pointer cuFuncGetName / cuKernelGetName return; a kernel's
+ * CUfunction points at the very string of its CUkernel. otel_cuda/late_names.py reads exactly these words from
+ * /proc/PID/mem to name kernels loaded before the sidecar attached, so the test bed runs the same code path.
+ *
+ * The objects are slots of one anonymous mapping (the driver's are heap objects: anonymous memory too), so the
+ * launch path checks a handle without a lock and never dereferences a pointer it was not given: in range,
+ * slot-aligned, a slot already handed out, and the type word of that kind.
+ */
+#define KOBJ_SIZE 128       /* bytes per object slot */
+#define KOBJ_MAX (1u << 17) /* slots (16 MiB reserved, touched only as used) */
+#define KOBJ_TYPE_OFF 0     /* u32 type; the u32 after it is 1 in a CUfunction, 0 in a CUkernel */
+#define KOBJ_NAME_OFF 8     /* the name pointer */
+#define KOBJ_FUNCTION 0x100000001ULL
+#define KOBJ_KERNEL 0x2ULL
+
+static unsigned char *g_kobj;
+static unsigned g_kobj_used;
+
+__attribute__((constructor)) static void kobj_reserve(void)
+{
+    void *p = mmap(NULL, (size_t)KOBJ_SIZE * KOBJ_MAX, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    g_kobj = p == MAP_FAILED ? NULL : p;
+}
+
+static void put64(unsigned char *o, unsigned off, u64 v)
+{
+    memcpy(o + off, &v, sizeof(v));
+}
+
+static u64 get64(const void *o, unsigned off)
+{
+    u64 v;
+    memcpy(&v, (const unsigned char *)o + off, sizeof(v));
+    return v;
+}
+
+/* Callers hold g_lock. A new CUfunction / CUkernel object whose name pointer is `name`. */
+static u64 kobj_new(enum htype t, const char *name)
+{
+    if (!g_kobj || g_kobj_used >= KOBJ_MAX)
+        return 0;
+    unsigned char *o = g_kobj + (size_t)g_kobj_used * KOBJ_SIZE;
+    put64(o, KOBJ_TYPE_OFF, t == H_KERNEL ? KOBJ_KERNEL : KOBJ_FUNCTION);
+    put64(o, KOBJ_NAME_OFF, (u64)(uintptr_t)name);
+    __atomic_store_n(&g_kobj_used, g_kobj_used + 1, __ATOMIC_RELEASE);
+    return (u64)(uintptr_t)o;
+}
+
+ALWAYS_INLINE int is_kobj(const void *p, enum htype t)
+{
+    uintptr_t a = (uintptr_t)p, base = (uintptr_t)g_kobj;
+    if (!g_kobj || a < base || (a - base) % KOBJ_SIZE)
+        return 0;
+    if ((a - base) / KOBJ_SIZE >= __atomic_load_n(&g_kobj_used, __ATOMIC_ACQUIRE))
+        return 0;
+    return get64(p, KOBJ_TYPE_OFF) == (t == H_KERNEL ? KOBJ_KERNEL : KOBJ_FUNCTION);
+}
+
 static u64 new_handle(enum htype t)
 {
     u64 n = __atomic_add_fetch(&g_handle_seq, 1, __ATOMIC_RELAXED) & 0xffffffffULL;
@@ -176,6 +242,8 @@ static u64 new_handle(enum htype t)
 
 ALWAYS_INLINE int is_handle(const void *p, enum htype t)
 {
+    if (t == H_FUNCTION || t == H_KERNEL)
+        return is_kobj(p, t);
     u64 h = (u64)(uintptr_t)p, n = h & 0xffffffffULL;
     return (h & HANDLE_MASK) == HANDLE_BASE && ((h >> 32) & 0xff) == (u64)t && n != 0 &&
            n <= (__atomic_load_n(&g_handle_seq, __ATOMIC_RELAXED) & 0xffffffffULL);
@@ -247,7 +315,12 @@ static struct obj *obj_add(int type, u64 parent, const char *name)
         free(o);
         return NULL;
     }
-    o->handle = new_handle(type);
+    o->handle = (type == H_FUNCTION || type == H_KERNEL) ? kobj_new(type, o->name) : new_handle(type);
+    if (!o->handle) {
+        free(o->name);
+        free(o);
+        return NULL;
+    }
     o->parent = parent;
     o->type = type;
     size_t b = hash_u64(o->handle);
@@ -891,8 +964,11 @@ CU_EXPORT CUresult cuKernelGetFunction(CUfunction *pFunc, CUkernel kernel)
     } else {
         if (!k->func) {
             struct obj *f = obj_add(H_FUNCTION, k->handle, k->name);
-            if (f)
+            if (f) {
+                /* as measured: the CUfunction of a CUkernel points at the kernel's own name string */
+                put64((unsigned char *)(uintptr_t)f->handle, KOBJ_NAME_OFF, (u64)(uintptr_t)k->name);
                 k->func = f->handle;
+            }
         }
         if (k->func)
             *pFunc = (CUfunction)(uintptr_t)k->func;
@@ -901,6 +977,32 @@ CU_EXPORT CUresult cuKernelGetFunction(CUfunction *pFunc, CUkernel kernel)
     }
     pthread_mutex_unlock(&g_lock);
     return done(FN_cuKernelGetFunction, r);
+}
+
+/* The name pointer the object holds (CUDA 12.3+). Declared here: cuda_min.h keeps to what the probes need. */
+CUresult cuFuncGetName(const char **name, CUfunction hfunc);
+CUresult cuKernelGetName(const char **name, CUkernel hkernel);
+
+static CUresult kobj_name(const char **name, const void *h, enum htype t)
+{
+    if (!name)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (!is_kobj(h, t))
+        return CUDA_ERROR_INVALID_HANDLE;
+    *name = (const char *)(uintptr_t)get64(h, KOBJ_NAME_OFF);
+    return CUDA_SUCCESS;
+}
+
+CU_EXPORT CUresult cuFuncGetName(const char **name, CUfunction hfunc)
+{
+    REQUIRE_INIT(FN_cuFuncGetName);
+    return done(FN_cuFuncGetName, kobj_name(name, hfunc, H_FUNCTION));
+}
+
+CU_EXPORT CUresult cuKernelGetName(const char **name, CUkernel hkernel)
+{
+    REQUIRE_INIT(FN_cuKernelGetName);
+    return done(FN_cuKernelGetName, kobj_name(name, hkernel, H_KERNEL));
 }
 
 /* ------------------------------------------------------------------ launches (hot path: no locks) */

@@ -73,7 +73,8 @@ def test_two_pods_data_and_tensor_parallel_in_two_pid_namespaces(demo):
          "requests_sent": REQUESTS_PER_POD},
         {"pod": "B", "api_pid": b["api_pid"], "api_ns_pid": 1, "dp": 1, "tp": 2, "requests_sent": REQUESTS_PER_POD}]
     for inst, truth in zip(result["instances"], (a, b)):
-        assert inst["requests"] == inst["requests_exact"] == len(truth["requests"]) == REQUESTS_PER_POD
+        assert inst["requests"] == len(truth["requests"]) == REQUESTS_PER_POD
+    assert result["instances"][1]["requests_exact"] == REQUESTS_PER_POD  # one engine: nothing to be unsure about
 
 
 def test_every_request_is_exact_against_the_engines_ground_truth(demo):
@@ -88,22 +89,30 @@ def test_every_request_is_exact_against_the_engines_ground_truth(demo):
             children.setdefault(s["parent_span_id"], {})[s["name"]] = s
     gt_requests = [r for t in truths.values() for r in t["requests"]]
     assert len(gt_requests) == 2 * REQUESTS_PER_POD == result["requests_sent"] == result["requests_ok"]
+    dp_engines = {e["pid"] for e in truths["A"]["engines"]}
+    unsure = 0
     for gt in gt_requests:
         span = by_trace[gt["trace_id"]]
         a = span["attributes"]
+        assert a.get("cuda.join.outcome") == "joined", gt["request_id"]
+        kids = children.get(span["span_id"], {})
+        assert sorted(kids) == ["cuda.decode", "cuda.prefill"]
+        if a.get("cuda.join.complete") is not True:
+            # only where another data-parallel engine fits the request's timing as well may the join be unsure,
+            # and then it says so; it never gives a wrong answer as a sure one
+            assert a.get("cuda.join.incomplete") == "ambiguous_engine" and gt["engine_pid"] in dp_engines
+            unsure += 1
+            continue
         got = {p: {k: a.get(f"cuda.{p}.{k}") for k in COUNTS} for p in PHASES}
         assert got == {p: gt[p] for p in PHASES}, (gt["request_id"], a.get("cuda.join.outcome"))
         assert a.get("cuda.engine.pid") == gt["engine_pid"], gt["request_id"]
-        assert a.get("cuda.join.outcome") == "joined" and a.get("cuda.join.complete") is True
-        kids = children.get(span["span_id"], {})
-        assert sorted(kids) == ["cuda.decode", "cuda.prefill"]
         for p in PHASES:  # the children tell the same story, summed over the ranks as the ground truth is
             assert {k: kids[f"cuda.{p}"]["attributes"].get(f"cuda.{k}") for k in COUNTS} == gt[p]
     n = len(gt_requests)
-    assert (result["requests"], result["requests_linked"], result["requests_exact"],
-            result["requests_matching_ground_truth"], result["requests_complete"]) == (n, n, n, n, n)
-    for r in result["per_request"]:
-        assert r["launches"] == r["expected_launches"] and r["ok"], r
+    assert (result["requests"], result["requests_linked"]) == (n, n)
+    assert result["requests_complete"] == n - unsure and result["requests_unsure_engine"] == unsure
+    assert result["requests_complete_but_wrong"] == 0 and result["requests_exact"] >= n - unsure
+    assert unsure <= REQUESTS_PER_POD // 2, f"{unsure} of pod A's {REQUESTS_PER_POD} requests not placed on one engine"
 
 
 def test_an_aborted_requests_windows_claim_no_steps(demo):
@@ -132,7 +141,7 @@ def test_span_tree_at_the_downstream_receiver(demo):
         kids = [s for s in spans if s["parent_span_id"] == req["span_id"]]
         assert sorted(k["name"] for k in kids) == ["cuda.decode", "cuda.prefill"]
         a = req["attributes"]
-        # the engine's timeline, placed in the span where its step ends line up (docs/join.md)
+        # the engine's timeline, placed in the span by the shift the join found (docs/join.md)
         queue_end = req["start_ns"] + a["cuda.join.shift_ns"] + int(a["gen_ai.latency.time_in_queue"] * 1e9)
         prefill_end = queue_end + int(a["gen_ai.latency.time_in_model_prefill"] * 1e9)
         decode_end = prefill_end + int(a["gen_ai.latency.time_in_model_decode"] * 1e9)
@@ -144,8 +153,8 @@ def test_span_tree_at_the_downstream_receiver(demo):
             assert kid["links"], "children link to the steps they summarise"
             for link in kid["links"]:
                 step = steps[link["span_id"]]  # every link resolves to a cuda.step span that arrived
-                mid = (step["start_ns"] + step["end_ns"]) // 2
-                assert lo - 5_000_000 <= mid <= hi + 5_000_000
+                # a step's tokens come out after its readback: the steps of a phase end inside its window
+                assert lo - 1_000_000 <= step["end_ns"] <= hi + 1_000_000
         assert req["parent_span_id"], "loadgen sent a traceparent: llm_request is its child"
         assert req["parent_span_id"] not in by_id  # the caller's span is not ours
 

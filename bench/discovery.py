@@ -6,8 +6,8 @@ a re-judging scan (the command lines of every judged process re-read: once every
 comparison what every scan cost before discovery became incremental (every process read whole, maps included).
 Each figure is the median of --repeat runs of that scan, in milliseconds of wall time on discovery's thread.
 
-Part `storm` (root, real BPF on the fake driver): the sidecar traces the test bed's workload while a shell loop
-execs short processes (`/bin/true`) as fast as it can on the other core for the workload's whole run; the sidecar
+Part `storm` (root, real BPF on the fake driver): the sidecar traces the test bed's workload while a process
+execs short processes (`/bin/true`, posix_spawn in a loop) as fast as it can for the workload's whole run; the sidecar
 sees every exec (the exec tracepoint) and hands each to discovery. Reported: execs per second achieved, the
 workload's own call counts against the sidecar's, and every loss counter — the goal is 0 lost at >= 1000 execs/s.
 
@@ -28,6 +28,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+# exec short processes as fast as one core allows until SIGTERM, then print how many
+STORM = """
+import os, signal, sys
+n = 0
+signal.signal(signal.SIGTERM, lambda *a: (print(n, flush=True), os._exit(0)))
+while True:
+    os.waitpid(os.posix_spawn("/bin/true", ["true"], os.environ), 0)
+    n += 1
+"""
 
 
 def timed(fn, repeat: int) -> float:
@@ -75,21 +86,22 @@ def storm_bench(args) -> dict:
     from support.harness import RunningSidecar, build_testbed, WORKLOAD
 
     build_testbed()
-    probes = Probes(__import__("support.harness", fromlist=["settings"]).settings().bpf)
+    from support.harness import settings
+
+    probes = Probes(settings(match=r"workload .*--tag bench-storm").bpf)
     sidecar = RunningSidecar(probes, match=r"workload .*--tag bench-storm")
-    storm = subprocess.Popen(["bash", "-c", "n=0; while :; do /bin/true; n=$((n+1)); echo $n > /tmp/otel-cuda-storm.n; "
-                                            "done"], stdout=subprocess.DEVNULL)
+    storm = subprocess.Popen([sys.executable, "-c", STORM if args.execs else "import time; time.sleep(3600)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)
         t0 = time.monotonic()
-        work = subprocess.run([str(WORKLOAD), "--tag", "bench-storm", "--threads", "2", "--steps", str(args.steps),
-                               "--launches", "16", "--start-delay-ms", "1000"], capture_output=True, text=True,
-                              check=True)
+        work = subprocess.run([str(WORKLOAD), "--tag", "bench-storm", "--threads", "1", "--steps", str(args.steps),
+                               "--launches", "16", "--step-us", str(args.step_us), "--start-delay-ms", "1000"],
+                              capture_output=True, text=True, check=True)
         elapsed = time.monotonic() - t0
     finally:
-        storm.kill()
-        storm.wait()
-    execs = int(Path("/tmp/otel-cuda-storm.n").read_text() or 0)
+        storm.terminate()
+        execs = int(storm.communicate(timeout=10)[0] or 0) if args.execs else 0
     time.sleep(0.5)
     summary = sidecar.stop()
     probes.close()
@@ -114,7 +126,9 @@ def main(argv=None) -> int:
     s.add_argument("--repeat", type=int, default=7)
     s.add_argument("--json", action="store_true")
     t = sub.add_parser("storm")
-    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--step-us", type=int, default=1000, help="the workload's host time per step (paces its events)")
+    t.add_argument("--no-execs", dest="execs", action="store_false", help="the same run without the storm")
     t.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     out = scan_bench(args) if args.part == "scan" else storm_bench(args)

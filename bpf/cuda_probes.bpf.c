@@ -6,6 +6,10 @@
  *   LAUNCH_RETURN   1 = probe launch returns too (duration + CUresult); default entry only
  *   PIDNS_DEV/INO   the sidecar's pid namespace, so pids match what it sees in /proc
  *   MAX_ALLOCS      live allocations tracked for free sizes
+ *   MAX_KERNELS     (process, launch function, kernel) launch counters
+ * and, from the probe table (otel_cuda/probes.py bpf_cflags), what each function does: OC_CLASS_<fn> (enum
+ * call_class), OC_BYTES_<fn> / OC_SCALE_<fn> (byte count slot, bytes per element), OC_MEM_<fn> (enum oc_mem_type),
+ * OC_LAUNCH_<fn> (enum oc_launch_type), OC_KINDARG_<fn> (a runtime copy's cudaMemcpyKind slot).
  * Events and aggregates are laid out in otel_cuda.h (the contract).
  */
 #include <uapi/linux/ptrace.h>
@@ -29,6 +33,12 @@
 #endif
 #ifndef RUNTIME_LAYER
 #define RUNTIME_LAYER 1
+#endif
+#ifndef MAX_KERNELS
+#define MAX_KERNELS 65536
+#endif
+#ifndef OC_CLASS_cuMemAlloc_v2
+#error "compile with otel_cuda.probes.bpf_cflags(): what each function does comes from the probe table"
 #endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -65,6 +75,11 @@ BPF_PERCPU_ARRAY(lost, u64, OC_LOST_SLOTS);
 /* Per (pid, function) aggregates: complete even when the ring buffer overflows. Entry-only launches are counted
  * in `targets` instead (the launch handler has that entry in hand: no second map update). */
 BPF_HASH(stats, struct oc_stat_key, struct oc_stat, 16384);
+
+/* Launches per (pid, launch function, kernel handle): cuda.kernel.launches, exact when the ring buffer overflows
+ * (names are mapped in user space at collection). A full table is counted (OC_LOST_TABLE); user space shows what
+ * it could not hold as the difference to the per-function counts, under the name `unrecorded`. */
+BPF_HASH(kernel_launches, struct oc_kernel_key, u64, MAX_KERNELS);
 
 /* Live allocation bytes per (pid, memory type). */
 BPF_HASH(live, struct oc_live_key, s64, 4096);
@@ -112,11 +127,11 @@ struct thread_stash {
 BPF_TASK_STORAGE(stashes, struct thread_stash);
 #endif
 
-/* Threads inside a probed runtime (libcudart) call: driver calls under them are marked nested. */
+/* Threads inside a probed runtime (libcudart) call: driver calls under them are marked nested. The value is the
+ * runtime function, with RT_DRIVER_LAUNCH set once a driver kernel launch ran under it (that launch is counted in
+ * kernel_launches with its CUfunction; a runtime launch without one is counted there under its host stub). */
 BPF_HASH(in_runtime, u32, u32, 16384);
-
-/* Scratch for building a name event (too large for the 512-byte BPF stack). */
-BPF_PERCPU_ARRAY(name_scratch, struct oc_name, 1);
+#define RT_DRIVER_LAUNCH (1U << 16)
 
 /* ---- identity and filtering ------------------------------------------------------------------- */
 
@@ -175,9 +190,10 @@ static __always_inline u32 log2_bucket(u64 v)
     return r < OC_HIST_BUCKETS ? r : OC_HIST_BUCKETS - 1;
 }
 
-static __always_inline void account(u32 pid, u16 func, u64 dur_ns, int has_return, s32 result, u64 bytes)
+static __always_inline void account(u32 pid, u16 func, u16 variant, u64 dur_ns, int has_return, s32 result,
+                                   u64 bytes)
 {
-    struct oc_stat_key key = {.pid = pid, .func = func};
+    struct oc_stat_key key = {.pid = pid, .func = func, .variant = variant};
     struct oc_stat zero = {};
     struct oc_stat *s = stats.lookup_or_try_init(&key, &zero);
     if (!s) {
@@ -195,6 +211,18 @@ static __always_inline void account(u32 pid, u16 func, u64 dur_ns, int has_retur
         if (b < OC_HIST_BUCKETS)
             __sync_fetch_and_add(&s->hist[b], 1);
     }
+}
+
+/* One launch of `handle` through `func`. */
+static __always_inline void kernel_count(u32 pid, u16 func, u64 handle)
+{
+    struct oc_kernel_key key = {.pid = pid, .func = func, .handle = handle};
+    u64 zero = 0;
+    u64 *n = kernel_launches.lookup_or_try_init(&key, &zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    else
+        count_table_full();
 }
 
 static __always_inline void live_add(u32 pid, u32 mem_type, s64 delta)
@@ -215,6 +243,15 @@ static __always_inline u8 nested_now(u32 tid)
 #else
     return 0; /* no runtime probes attached: nothing marks a thread, and a lookup per call is saved */
 #endif
+}
+
+/* A kernel launch under a runtime call: that call need not count itself in kernel_launches (only runtime launches
+ * reach here, so the driver-only path pays nothing). */
+static __always_inline void mark_driver_launch(u32 tid)
+{
+    u32 *rt = in_runtime.lookup(&tid);
+    if (rt)
+        *rt |= RT_DRIVER_LAUNCH; /* only this thread touches its entry */
 }
 
 /* Every record starts with this header (the padding is written too: records are read as bytes). */
@@ -386,8 +423,9 @@ static __always_inline void launch_fill(struct oc_launch *e, u32 pid, u32 tid, u
     e->block[2] = bz;
 }
 
-static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handle, u64 stream, u32 gx, u32 gy,
-                                        u32 gz, u32 bx, u32 by, u32 bz, u32 shmem)
+/* ltype: OC_LAUNCH_<function> (a constant: launch_entry is inlined per function). */
+static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, int ltype, u64 handle, u64 stream, u32 gx,
+                                        u32 gy, u32 gz, u32 bx, u32 by, u32 bz, u32 shmem)
 {
     u32 pid, tid;
     struct oc_target *target = target_of(&pid, &tid);
@@ -395,6 +433,9 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
         return 0;
     u64 ts = bpf_ktime_get_ns();
     u8 nested = nested_now(tid);
+    int kernel = ltype != OC_LAUNCH_GRAPH;
+    if (nested && kernel)
+        mark_driver_launch(tid);
 #if LAUNCH_RETURN
     struct stash_slot *v = stash_put(func);
     if (!v)
@@ -410,6 +451,8 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
     u32 slot = func - OC_FN_cuLaunchKernel; /* a constant: launch_entry is inlined per function */
     if (!nested && slot < OC_LAUNCH_FUNCS)
         __sync_fetch_and_add(&target->launches[slot], 1);
+    if (kernel)
+        kernel_count(pid, func, handle); /* nested too: it names the runtime launch above it */
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
@@ -423,7 +466,7 @@ static __always_inline int launch_entry(struct pt_regs *ctx, u16 func, u64 handl
     return 0;
 }
 
-static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
+static __always_inline int launch_return(struct pt_regs *ctx, u16 func, int ltype)
 {
 #if LAUNCH_RETURN
     u32 pid, tid;
@@ -433,7 +476,9 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
     u64 dur = bpf_ktime_get_ns() - v->ts_ns;
     s32 result = (s32)PT_REGS_RC(ctx);
     if (!v->nested)
-        account(pid, func, dur, 1, result, 0);
+        account(pid, func, 0, dur, 1, result, 0);
+    if (ltype != OC_LAUNCH_GRAPH)
+        kernel_count(pid, func, v->args[0]); /* counted where the call is: at return, as in `stats` */
     struct oc_launch *e = events.ringbuf_reserve(sizeof(struct oc_launch));
     if (!e) {
         count_lost();
@@ -455,19 +500,19 @@ static __always_inline int launch_return(struct pt_regs *ctx, u16 func)
 int entry_cuLaunchKernel(struct pt_regs *ctx)
 {
     struct stack_args a = stack_args_789(ctx);
-    return launch_entry(ctx, OC_FN_cuLaunchKernel, P1(ctx), a.a9, P2(ctx), P3(ctx), P4(ctx), P5(ctx), P6(ctx), a.a7,
+    return launch_entry(ctx, OC_FN_cuLaunchKernel, OC_LAUNCH_cuLaunchKernel, P1(ctx), a.a9, P2(ctx), P3(ctx), P4(ctx), P5(ctx), P6(ctx), a.a7,
                         a.a8);
 }
-int return_cuLaunchKernel(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchKernel); }
+int return_cuLaunchKernel(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchKernel, OC_LAUNCH_cuLaunchKernel); }
 
 /* CUresult cuLaunchCooperativeKernel(CUfunction f, gx, gy, gz, bx, by, bz, sharedMemBytes, hStream, params) */
 int entry_cuLaunchCooperativeKernel(struct pt_regs *ctx)
 {
     struct stack_args a = stack_args_789(ctx);
-    return launch_entry(ctx, OC_FN_cuLaunchCooperativeKernel, P1(ctx), a.a9, P2(ctx), P3(ctx), P4(ctx), P5(ctx),
+    return launch_entry(ctx, OC_FN_cuLaunchCooperativeKernel, OC_LAUNCH_cuLaunchCooperativeKernel, P1(ctx), a.a9, P2(ctx), P3(ctx), P4(ctx), P5(ctx),
                         P6(ctx), a.a7, a.a8);
 }
-int return_cuLaunchCooperativeKernel(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchCooperativeKernel); }
+int return_cuLaunchCooperativeKernel(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchCooperativeKernel, OC_LAUNCH_cuLaunchCooperativeKernel); }
 
 /* CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) */
 struct launch_config {
@@ -481,17 +526,17 @@ int entry_cuLaunchKernelEx(struct pt_regs *ctx)
 {
     struct launch_config c = {};
     bpf_probe_read_user(&c, sizeof(c), (void *)P1(ctx));
-    return launch_entry(ctx, OC_FN_cuLaunchKernelEx, P2(ctx), c.stream, c.grid[0], c.grid[1], c.grid[2],
+    return launch_entry(ctx, OC_FN_cuLaunchKernelEx, OC_LAUNCH_cuLaunchKernelEx, P2(ctx), c.stream, c.grid[0], c.grid[1], c.grid[2],
                         c.block[0], c.block[1], c.block[2], c.shared_mem);
 }
-int return_cuLaunchKernelEx(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchKernelEx); }
+int return_cuLaunchKernelEx(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuLaunchKernelEx, OC_LAUNCH_cuLaunchKernelEx); }
 
 /* CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream) */
 int entry_cuGraphLaunch(struct pt_regs *ctx)
 {
-    return launch_entry(ctx, OC_FN_cuGraphLaunch, P1(ctx), P2(ctx), 0, 0, 0, 0, 0, 0, 0);
+    return launch_entry(ctx, OC_FN_cuGraphLaunch, OC_LAUNCH_cuGraphLaunch, P1(ctx), P2(ctx), 0, 0, 0, 0, 0, 0, 0);
 }
-int return_cuGraphLaunch(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuGraphLaunch); }
+int return_cuGraphLaunch(struct pt_regs *ctx) { return launch_return(ctx, OC_FN_cuGraphLaunch, OC_LAUNCH_cuGraphLaunch); }
 
 /* ---- every other call: entry stashes, return emits -------------------------------------------- */
 
@@ -522,9 +567,10 @@ static __always_inline int call_entry(struct pt_regs *ctx, u16 func, u64 a0, u64
 }
 
 /* bytes_arg: index of the byte count in args (-1: none); bytes_scale multiplies it (memset element size).
- * mem_type: for allocations. */
+ * mem_type: for allocations. kind_arg: a runtime copy's cudaMemcpyKind slot (-1: none): its aggregate is kept per
+ * direction. kernel_launch: a runtime launch with no driver launch under it: count it in kernel_launches. */
 static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, int bytes_arg, int bytes_scale,
-                                       u32 mem_type)
+                                       u32 mem_type, int kind_arg, int kernel_launch)
 {
     u32 pid, tid;
     struct stash_slot *v = stash_of(func, &pid, &tid);
@@ -541,8 +587,13 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
     stash_done(v);
 
     u64 bytes = 0;
-    if (bytes_arg >= 0 && bytes_arg < OC_ARGS)
+    if (bytes_arg >= 0 && bytes_arg < OC_ARGS && result == 0) /* a failed call moved or allocated nothing */
         bytes = args[bytes_arg] * bytes_scale;
+    u16 variant = 0;
+    if (kind_arg >= 0 && kind_arg < OC_ARGS)
+        variant = 1 + (args[kind_arg] < 7 ? (u16)args[kind_arg] : 7);
+    if (kernel_launch)
+        kernel_count(pid, func, args[0]);
 
     if (cls == CLASS_ALLOC) {
         /* args[0] becomes the pointer the call wrote; args[2] the memory type */
@@ -580,7 +631,7 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
     }
 
     if (!nested)
-        account(pid, func, dur, 1, result, cls == CLASS_FREE ? 0 : bytes);
+        account(pid, func, variant, dur, 1, result, cls == CLASS_FREE ? 0 : bytes);
 
     struct oc_call *e = events.ringbuf_reserve(sizeof(struct oc_call));
     if (!e) {
@@ -599,64 +650,68 @@ static __always_inline int call_return(struct pt_regs *ctx, u16 func, int cls, i
     return 0;
 }
 
-/* Declares the entry and return handler of one function. */
-#define CALL(fn, a0, a1, a2, a3, a4, a5, cls, bytes_arg, scale, mem_type)                                        \
+/* Declares the entry and return handler of one function: which argument goes to which slot is said here; what the
+ * call does (class, byte count slot, element size, memory type) comes from the probe table. */
+#define CALL(fn, a0, a1, a2, a3, a4, a5)                                                                         \
     int entry_##fn(struct pt_regs *ctx) { return call_entry(ctx, OC_FN_##fn, a0, a1, a2, a3, a4, a5); }          \
-    int return_##fn(struct pt_regs *ctx) { return call_return(ctx, OC_FN_##fn, cls, bytes_arg, scale, mem_type); }
+    int return_##fn(struct pt_regs *ctx)                                                                         \
+    {                                                                                                            \
+        return call_return(ctx, OC_FN_##fn, OC_CLASS_##fn, OC_BYTES_##fn, OC_SCALE_##fn, OC_MEM_##fn, -1, 0);     \
+    }
 
 /* memory: (CUdeviceptr *dptr, size_t bytes, ...) */
-CALL(cuMemAlloc_v2, P1(ctx), P2(ctx), 0, 0, 0, 0, CLASS_ALLOC, 1, 1, OC_MEM_DEVICE)
-CALL(cuMemAllocAsync, P1(ctx), P2(ctx), 0, P3(ctx), 0, 0, CLASS_ALLOC, 1, 1, OC_MEM_DEVICE)   /* args[3] stream */
-CALL(cuMemAllocManaged, P1(ctx), P2(ctx), 0, P3(ctx), 0, 0, CLASS_ALLOC, 1, 1, OC_MEM_MANAGED) /* args[3] flags */
-CALL(cuMemAllocHost_v2, P1(ctx), P2(ctx), 0, 0, 0, 0, CLASS_ALLOC, 1, 1, OC_MEM_HOST)
-CALL(cuMemHostAlloc, P1(ctx), P2(ctx), 0, P3(ctx), 0, 0, CLASS_ALLOC, 1, 1, OC_MEM_HOST)       /* args[3] flags */
-CALL(cuMemCreate, P1(ctx), P2(ctx), 0, P4(ctx), 0, 0, CLASS_ALLOC, 1, 1, OC_MEM_DEVICE)        /* args[3] flags */
-CALL(cuMemFree_v2, P1(ctx), 0, 0, 0, 0, 0, CLASS_FREE, -1, 1, OC_MEM_DEVICE)
-CALL(cuMemFreeAsync, P1(ctx), 0, 0, 0, P2(ctx), 0, CLASS_FREE, -1, 1, OC_MEM_DEVICE)          /* args[4] stream */
-CALL(cuMemFreeHost, P1(ctx), 0, 0, 0, 0, 0, CLASS_FREE, -1, 1, OC_MEM_HOST)
-CALL(cuMemRelease, P1(ctx), 0, 0, 0, 0, 0, CLASS_FREE, -1, 1, OC_MEM_DEVICE)
+CALL(cuMemAlloc_v2, P1(ctx), P2(ctx), 0, 0, 0, 0)
+CALL(cuMemAllocAsync, P1(ctx), P2(ctx), 0, P3(ctx), 0, 0) /* args[3] stream */
+CALL(cuMemAllocManaged, P1(ctx), P2(ctx), 0, P3(ctx), 0, 0) /* args[3] flags */
+CALL(cuMemAllocHost_v2, P1(ctx), P2(ctx), 0, 0, 0, 0)
+CALL(cuMemHostAlloc, P1(ctx), P2(ctx), 0, P3(ctx), 0, 0) /* args[3] flags */
+CALL(cuMemCreate, P1(ctx), P2(ctx), 0, P4(ctx), 0, 0) /* args[3] flags */
+CALL(cuMemFree_v2, P1(ctx), 0, 0, 0, 0, 0)
+CALL(cuMemFreeAsync, P1(ctx), 0, 0, 0, P2(ctx), 0) /* args[4] stream */
+CALL(cuMemFreeHost, P1(ctx), 0, 0, 0, 0, 0)
+CALL(cuMemRelease, P1(ctx), 0, 0, 0, 0, 0)
 
 /* copy: args = dst, src, bytes, stream */
-CALL(cuMemcpy, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyAsync, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyHtoD_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyDtoH_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyDtoD_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyHtoDAsync_v2, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyDtoHAsync_v2, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyDtoDAsync_v2, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 1, 0)
+CALL(cuMemcpy, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemcpyAsync, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
+CALL(cuMemcpyHtoD_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemcpyDtoH_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemcpyDtoD_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemcpyHtoDAsync_v2, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
+CALL(cuMemcpyDtoHAsync_v2, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
+CALL(cuMemcpyDtoDAsync_v2, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
 /* (dstDevice, dstContext, srcDevice, srcContext, bytes[, stream]) -> dst, src, bytes, stream */
-CALL(cuMemcpyPeer, P1(ctx), P3(ctx), P5(ctx), 0, 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemcpyPeerAsync, P1(ctx), P3(ctx), P5(ctx), P6(ctx), 0, 0, CLASS_PLAIN, 2, 1, 0)
+CALL(cuMemcpyPeer, P1(ctx), P3(ctx), P5(ctx), 0, 0, 0)
+CALL(cuMemcpyPeerAsync, P1(ctx), P3(ctx), P5(ctx), P6(ctx), 0, 0)
 /* set: (dst, value, N[, stream]) -> dst, value, N, stream; bytes = N * element size */
-CALL(cuMemsetD8_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemsetD16_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 2, 0)
-CALL(cuMemsetD32_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, 2, 4, 0)
-CALL(cuMemsetD8Async, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 1, 0)
-CALL(cuMemsetD16Async, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 2, 0)
-CALL(cuMemsetD32Async, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0, CLASS_PLAIN, 2, 4, 0)
+CALL(cuMemsetD8_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemsetD16_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemsetD32_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
+CALL(cuMemsetD8Async, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
+CALL(cuMemsetD16Async, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
+CALL(cuMemsetD32Async, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0, 0)
 
 /* sync: args = stream, event, flags */
-CALL(cuStreamSynchronize, P1(ctx), 0, 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
-CALL(cuCtxSynchronize, 0, 0, 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
-CALL(cuEventSynchronize, 0, P1(ctx), 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
-CALL(cuStreamWaitEvent, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
+CALL(cuStreamSynchronize, P1(ctx), 0, 0, 0, 0, 0)
+CALL(cuCtxSynchronize, 0, 0, 0, 0, 0, 0)
+CALL(cuEventSynchronize, 0, P1(ctx), 0, 0, 0, 0)
+CALL(cuStreamWaitEvent, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
 /* (hEvent, hStream[, flags]) -> stream, event, flags: which step a later cuEventSynchronize waits for */
-CALL(cuEventRecord, P2(ctx), P1(ctx), 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
-CALL(cuEventRecordWithFlags, P2(ctx), P1(ctx), P3(ctx), 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
+CALL(cuEventRecord, P2(ctx), P1(ctx), 0, 0, 0, 0)
+CALL(cuEventRecordWithFlags, P2(ctx), P1(ctx), P3(ctx), 0, 0, 0)
 
 /* names: cuKernelGetFunction(CUfunction *out, CUkernel k) -> function, kernel */
-CALL(cuKernelGetFunction, P1(ctx), P2(ctx), 0, 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)
+CALL(cuKernelGetFunction, P1(ctx), P2(ctx), 0, 0, 0, 0)
 /* loads: (out handle, image, ...) -> handle */
-CALL(cuModuleLoadData, P1(ctx), 0, 0, 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)
-CALL(cuModuleLoadDataEx, P1(ctx), 0, 0, 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)
-CALL(cuLibraryLoadData, P1(ctx), 0, 0, 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)
+CALL(cuModuleLoadData, P1(ctx), 0, 0, 0, 0, 0)
+CALL(cuModuleLoadDataEx, P1(ctx), 0, 0, 0, 0, 0)
+CALL(cuLibraryLoadData, P1(ctx), 0, 0, 0, 0, 0)
 
 /* lifecycle: cuInit(flags) -> flags; cuDevicePrimaryCtxRetain(CUcontext*, dev) -> context, device;
  * cuCtxCreate_v2(CUcontext*, flags, dev) -> context, flags, device */
-CALL(cuInit, 0, P1(ctx), 0, 0, 0, 0, CLASS_PLAIN, -1, 1, 0)
-CALL(cuDevicePrimaryCtxRetain, P1(ctx), P2(ctx), 0, 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)
-CALL(cuCtxCreate_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0, CLASS_OUT_HANDLE, -1, 1, 0)
+CALL(cuInit, 0, P1(ctx), 0, 0, 0, 0)
+CALL(cuDevicePrimaryCtxRetain, P1(ctx), P2(ctx), 0, 0, 0, 0)
+CALL(cuCtxCreate_v2, P1(ctx), P2(ctx), P3(ctx), 0, 0, 0)
 
 /* ---- name-giving calls: (out handle, module/library, const char *name) ------------------------- */
 
@@ -666,32 +721,41 @@ static __always_inline int name_return(struct pt_regs *ctx, u16 func)
     struct stash_slot *v = stash_of(func, &pid, &tid);
     if (!v)
         return 0;
-    int zero = 0;
-    struct oc_name *e = name_scratch.lookup(&zero);
+    s32 result = (s32)PT_REGS_RC(ctx);
+    u64 ts = v->ts_ns, dur = bpf_ktime_get_ns() - v->ts_ns, out = v->args[0], parent = v->args[1];
+    u64 name_addr = v->args[2];
+    u8 nested = v->nested;
+    stash_done(v);
+    if (!nested)
+        account(pid, func, 0, dur, 1, result, 0);
+    /* Built in the ring buffer itself: a per-CPU scratch could be overwritten by another thread's probe while this
+     * one is preempted (uprobe programs run preemptible, migration disabled). */
+    struct oc_name *e = events.ringbuf_reserve(sizeof(struct oc_name));
     if (!e) {
-        stash_done(v);
+        count_lost();
         return 0;
     }
-    s32 result = (s32)PT_REGS_RC(ctx);
-    fill_header(&e->h, OC_EV_NAME, OC_LAYER_DRIVER, OC_F_RETURN | (v->nested ? OC_F_NESTED : 0), func, pid, tid,
-                v->ts_ns);
-    e->dur_ns = bpf_ktime_get_ns() - v->ts_ns;
+    fill_header(&e->h, OC_EV_NAME, OC_LAYER_DRIVER, OC_F_RETURN | (nested ? OC_F_NESTED : 0), func, pid, tid, ts);
+    e->dur_ns = dur;
     e->result = result;
-    e->handle = result == 0 ? read_u64(v->args[0]) : 0;
-    e->parent = v->args[1];
-    e->name_addr = v->args[2];
-    e->name[0] = 0;
-    int n = bpf_probe_read_user_str(e->name, OC_NAME_LEN, (void *)v->args[2]);
-    if (n == OC_NAME_LEN)
+    e->_pad0 = 0;
+    e->handle = result == 0 ? read_u64(out) : 0;
+    e->parent = parent;
+    e->name_addr = name_addr;
+    long n = bpf_probe_read_user_str(e->name, OC_NAME_LEN, (void *)name_addr);
+    if (n <= 1) {
+        /* Unreadable here (a page not present: a probe cannot fault it in) or empty: no name, never "". User space
+         * reads it from name_addr; a handle it cannot name stays unknown. */
+        e->name[0] = 0;
+        if (result == 0)
+            e->h.flags |= OC_F_NAME_UNREAD | OC_F_TRUNCATED;
+    } else if (n == OC_NAME_LEN) {
         e->h.flags |= OC_F_TRUNCATED;
-    if (!v->nested)
-        account(pid, func, e->dur_ns, 1, result, 0);
-    stash_done(v);
+    }
     /* Wake the consumer now, not at the RINGBUF_WAKE_EVERY mark: a name cut at OC_NAME_LEN is completed from the
      * process's memory, which must still be there when the record is read (a short-lived process could be gone
      * by the next poll timeout). Name-giving calls are a few per kernel, at load time. */
-    if (events.ringbuf_output(e, sizeof(*e), BPF_RB_FORCE_WAKEUP))
-        count_lost();
+    events.ringbuf_submit(e, BPF_RB_FORCE_WAKEUP);
     return 0;
 }
 
@@ -760,7 +824,7 @@ TRACEPOINT_PROBE(task, task_newtask)
 /* ---- runtime layer (libcudart), optional ------------------------------------------------------- */
 /* A runtime call marks its thread so the driver call it makes is flagged nested and not counted twice. */
 
-static __always_inline int runtime_entry(struct pt_regs *ctx, u16 func, u64 a0, u64 a1, u64 a2, u64 a3)
+static __always_inline int runtime_entry(struct pt_regs *ctx, u16 func, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4)
 {
     u32 pid, tid;
     if (!traced(&pid, &tid))
@@ -776,31 +840,41 @@ static __always_inline int runtime_entry(struct pt_regs *ctx, u16 func, u64 a0, 
     v->args[1] = a1;
     v->args[2] = a2;
     v->args[3] = a3;
-    v->args[4] = 0;
+    v->args[4] = a4;
     v->args[5] = 0;
     return 0;
 }
 
-static __always_inline int runtime_return(struct pt_regs *ctx, u16 func, int bytes_arg)
+/* ltype: OC_LAUNCH_<function>; kind_arg: OC_KINDARG_<function> (both constants from the probe table). */
+static __always_inline int runtime_return(struct pt_regs *ctx, u16 func, int bytes_arg, int ltype, int kind_arg)
 {
     u32 pid, tid;
     if (current_ids(&pid, &tid))
         return 0;
-    in_runtime.delete(&tid);
-    return call_return(ctx, func, CLASS_PLAIN, bytes_arg, 1, 0);
+    u32 mark = 0;
+    u32 *rt = in_runtime.lookup(&tid);
+    if (rt) {
+        mark = *rt;
+        in_runtime.delete(&tid);
+    }
+    int kernel_launch = (ltype == OC_LAUNCH_KERNEL || ltype == OC_LAUNCH_COOPERATIVE) && !(mark & RT_DRIVER_LAUNCH);
+    return call_return(ctx, func, CLASS_PLAIN, bytes_arg, 1, 0, kind_arg, kernel_launch);
 }
 
-#define RUNTIME(fn, a0, a1, a2, a3, bytes_arg)                                                                    \
-    int entry_##fn(struct pt_regs *ctx) { return runtime_entry(ctx, OC_FN_##fn, a0, a1, a2, a3); }               \
-    int return_##fn(struct pt_regs *ctx) { return runtime_return(ctx, OC_FN_##fn, bytes_arg); }
+#define RUNTIME(fn, a0, a1, a2, a3, a4)                                                                           \
+    int entry_##fn(struct pt_regs *ctx) { return runtime_entry(ctx, OC_FN_##fn, a0, a1, a2, a3, a4); }           \
+    int return_##fn(struct pt_regs *ctx)                                                                         \
+    {                                                                                                            \
+        return runtime_return(ctx, OC_FN_##fn, OC_BYTES_##fn, OC_LAUNCH_##fn, OC_KINDARG_##fn);                  \
+    }
 
 /* cudaLaunchKernel(const void *func, dim3 grid, dim3 block, void **args, size_t shmem, cudaStream_t s):
  * dim3 (12 bytes) travels in two registers each, so func, grid.xy, grid.z, block.xy, block.z, args. */
-RUNTIME(cudaLaunchKernel, P1(ctx), P2(ctx), P4(ctx), ARG8(ctx), -1)
-RUNTIME(cudaMemcpy, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 2)      /* dst, src, count, kind */
-RUNTIME(cudaMemcpyAsync, P1(ctx), P2(ctx), P3(ctx), P5(ctx), 2) /* dst, src, count, stream */
-RUNTIME(cudaMalloc, P1(ctx), P2(ctx), 0, 0, 1)                  /* out ptr, size */
-RUNTIME(cudaFree, P1(ctx), 0, 0, 0, -1)
-RUNTIME(cudaStreamSynchronize, P1(ctx), 0, 0, 0, -1)
-RUNTIME(cudaDeviceSynchronize, 0, 0, 0, 0, -1)
-RUNTIME(cudaGraphLaunch, P1(ctx), P2(ctx), 0, 0, -1)
+RUNTIME(cudaLaunchKernel, P1(ctx), P2(ctx), P4(ctx), ARG8(ctx), 0)
+RUNTIME(cudaMemcpy, P1(ctx), P2(ctx), P3(ctx), P4(ctx), 0)            /* dst, src, count, kind */
+RUNTIME(cudaMemcpyAsync, P1(ctx), P2(ctx), P3(ctx), P5(ctx), P4(ctx)) /* dst, src, count, stream, kind */
+RUNTIME(cudaMalloc, P1(ctx), P2(ctx), 0, 0, 0)                        /* out ptr, size */
+RUNTIME(cudaFree, P1(ctx), 0, 0, 0, 0)
+RUNTIME(cudaStreamSynchronize, P1(ctx), 0, 0, 0, 0)
+RUNTIME(cudaDeviceSynchronize, 0, 0, 0, 0, 0)
+RUNTIME(cudaGraphLaunch, P1(ctx), P2(ctx), 0, 0, 0)

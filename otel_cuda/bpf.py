@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import events
-from .probes import Probe
+from .probes import Probe, bpf_cflags
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ class BpfConfig:
     ringbuf_pages: int = 1024  # 4 MiB: ~45 000 call records, over a second of eager PyTorch at full rate
     launch_return: bool = False
     max_allocs: int = 262144
+    # (process, launch function, kernel) launch counters: a few thousand kernels per process, 8 ranks a node and
+    # restarts within the 60 s before a gone process's entries are freed; beyond it launches count as `unrecorded`
+    max_kernels: int = 65536
     # the kernel wakes the consumer once per this many records a CPU submits (a power of two); below it the
     # consumer reads on its poll timeout (read_batch)
     ringbuf_wake_every: int = 256
@@ -45,6 +48,7 @@ class BpfConfig:
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
             f"-DLAUNCH_RETURN={int(self.launch_return)}",
             f"-DMAX_ALLOCS={self.max_allocs}",
+            f"-DMAX_KERNELS={self.max_kernels}",
             f"-DRINGBUF_WAKE_EVERY={self.ringbuf_wake_every}",
             f"-DRUNTIME_LAYER={int(self.runtime_layer)}",
             f"-DTHREAD_STASH={int(self.thread_stash)}",
@@ -53,7 +57,7 @@ class BpfConfig:
         if ns.st_ino != PROC_PID_INIT_INO:
             # In a container's pid namespace the kernel's pids differ from /proc's: ask for ours.
             flags += [f"-DPIDNS_DEV={ns.st_dev}", f"-DPIDNS_INO={ns.st_ino}"]
-        return flags + list(self.extra_cflags)
+        return flags + bpf_cflags() + list(self.extra_cflags)
 
 
 def program_text(config: BpfConfig) -> str:
@@ -89,7 +93,8 @@ def fdinfo(fd: int) -> dict[str, str]:
 
 
 def _empty_aggregate() -> dict:
-    return {"calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS}
+    return {"calls": 0, "errors": 0, "total_ns": 0, "bytes": 0, "hist": [0] * events.OC_HIST_BUCKETS,
+            "bytes_by_variant": {}}
 
 
 class Probes:
@@ -231,11 +236,20 @@ class Probes:
         return sum(self._bpf["lost"][ct.c_int(events.LOST_TABLE)])
 
     def stats(self) -> dict[tuple[int, int], dict]:
-        """(pid, func) -> aggregates: calls, errors, total_ns, bytes, hist."""
-        out: dict[tuple[int, int], dict] = {
-            (key.pid, key.func): {"calls": s.calls, "errors": s.errors, "total_ns": s.total_ns, "bytes": s.bytes,
-                                  "hist": list(s.hist)}
-            for key, s in self._bpf["stats"].items()}
+        """(pid, func) -> aggregates: calls, errors, total_ns, bytes, hist, and bytes_by_variant ({variant: bytes};
+        a runtime copy's variant is 1 + its cudaMemcpyKind). Launches of the kernel_launches map are read after
+        this (kernel_launches()), so that a launch there is never missing here."""
+        out: dict[tuple[int, int], dict] = {}
+        for key, s in self._bpf["stats"].items():
+            agg = out.get((key.pid, key.func))
+            if agg is None:
+                agg = out[(key.pid, key.func)] = _empty_aggregate()
+            agg["calls"] += s.calls
+            agg["errors"] += s.errors
+            agg["total_ns"] += s.total_ns
+            agg["bytes"] += s.bytes
+            agg["hist"] = [a + b for a, b in zip(agg["hist"], s.hist)]
+            agg["bytes_by_variant"][key.variant] = agg["bytes_by_variant"].get(key.variant, 0) + s.bytes
         launches = dict(self._deselected_launches)
         for key, target in self._bpf["targets"].items():  # a pid selected again adds to what it had
             before = launches.get(key.value, [0] * events.OC_LAUNCH_FUNCS)
@@ -245,6 +259,10 @@ class Probes:
                 if n:
                     out.setdefault((pid, events.FIRST_LAUNCH_FUNC + slot), _empty_aggregate())["calls"] += n
         return out
+
+    def kernel_launches(self) -> dict[tuple[int, int, int], int]:
+        """(pid, launch function, kernel handle) -> launches (the kernel_launches map; graph launches are not in it)."""
+        return {(k.pid, k.func, k.handle): v.value for k, v in self._bpf["kernel_launches"].items()}
 
     def live_bytes(self) -> dict[tuple[int, int], int]:
         """(pid, memory type index) -> live allocated bytes."""
@@ -258,7 +276,7 @@ class Probes:
         """Drop gone processes' map entries so the maps do not fill over restarts (one pass over each map)."""
         for pid in pids:
             self._deselected_launches.pop(pid, None)
-        for name in ("stats", "live", "allocs"):
+        for name in ("stats", "live", "allocs", "kernel_launches"):
             table = self._bpf[name]
             for key in [k for k in table.keys() if k.pid in pids]:
                 try:

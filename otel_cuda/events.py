@@ -19,7 +19,7 @@ OC_HIST_BUCKETS = 32
 EV_CALL, EV_LAUNCH, EV_NAME, EV_SYS, EV_PROC = 1, 2, 3, 4, 5
 PROC_EXEC, PROC_FORK = 1, 2
 LAYER_DRIVER, LAYER_RUNTIME = 0, 1
-F_RETURN, F_NESTED, F_TRUNCATED = 1, 2, 4
+F_RETURN, F_NESTED, F_TRUNCATED, F_NAME_UNREAD = 1, 2, 4, 8
 LOST_RINGBUF, LOST_TABLE = 0, 1  # slots of the kernel's `lost` counters (enum oc_lost)
 
 
@@ -96,7 +96,11 @@ class Target(ct.Structure):
 
 
 class StatKey(ct.Structure):
-    _fields_ = [("pid", ct.c_uint32), ("func", ct.c_uint16), ("_pad0", ct.c_uint16)]
+    _fields_ = [("pid", ct.c_uint32), ("func", ct.c_uint16), ("variant", ct.c_uint16)]
+
+
+class KernelKey(ct.Structure):
+    _fields_ = [("pid", ct.c_uint32), ("func", ct.c_uint16), ("_pad0", ct.c_uint16), ("handle", ct.c_uint64)]
 
 
 class Stat(ct.Structure):

@@ -60,7 +60,7 @@ class KernelNames:
             cut = self.names_truncated
             ev = ev._replace(name=self._complete(ev))
             whole = self.names_truncated == cut
-        if ev.type == EV_NAME and ev.result == 0 and ev.args[0]:
+        if ev.type == EV_NAME and ev.result == 0 and ev.args[0] and ev.name:  # "": never a name
             self._names.setdefault(ev.pid, {})[ev.args[0]] = ev.name
             if whole:  # an exact name: what the driver's object must say too
                 self.late.confirm(ev.pid, ev.args[0], ev.name, _KIND.get(ev.func, ""))

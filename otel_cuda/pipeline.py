@@ -23,13 +23,14 @@ from . import probes as probe_table
 from .clock import MonotonicToEpoch
 from .discovery import LIBCUDA, LIBCUDA_OR_RUNTIME, LIBCUDART, Discovery, Library, ProcInfo
 from .events import Event
-from .names import KernelNames
+from .names import UNKNOWN, KernelNames
 from .records import launch_line, record_line, symbol, to_record
 from .source import RingReader
 from .steps import Step, StepTracker
 from .system import sys_record
 
 log = logging.getLogger(__name__)
+_RUNTIME_KERNEL_LAUNCH = frozenset(f for f in probe_table.KERNEL_LAUNCHES if probe_table.BY_ID[f].layer == probe_table.RUNTIME)
 
 
 class ArchiveSink(Protocol):
@@ -46,6 +47,7 @@ class Observer(Protocol):
     def on_outlier(self, ev: Event, kernel: str | None) -> None: ...
     def on_process(self, info: ProcInfo) -> None: ...
     def on_process_exit(self, info: ProcInfo) -> None: ...
+    def before_forget(self, pid: int) -> None: ...
     def on_idle(self, now_ns: int) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -78,6 +80,9 @@ class NullObserver:
     def on_process_exit(self, info):
         pass
 
+    def before_forget(self, pid):
+        pass
+
     def on_idle(self, now_ns):
         pass
 
@@ -94,6 +99,7 @@ class Totals:
     errors: Counter = field(default_factory=Counter)
     dur_ns: Counter = field(default_factory=Counter)
     bytes_moved: int = 0
+    names_unread: int = 0  # name records whose name the probe could not read (user space tried the process)
     steps: int = 0
     archived: int = 0
     dropped_queue: int = 0
@@ -130,6 +136,7 @@ class Pipeline:
         # observer at exit), so the maps do not fill over restarts; until then its counts can still be read.
         self.kernel_entry_grace_s = 60.0
         self._kernel_entries_due: dict[int, float] = {}  # pid -> when its kernel entries go
+        self._nested_launch: dict[int, tuple[int, str | None]] = {}  # tid -> (ts, kernel) of a launch under a runtime call
 
     # -- discovery callbacks ------------------------------------------------------------------------------
     def on_select(self, info: ProcInfo) -> None:
@@ -158,6 +165,7 @@ class Pipeline:
     def _forget(self, exits: list[ProcInfo]) -> None:
         for info in exits:
             self.steps.forget_process(info.pid)
+            self.observer.before_forget(info.pid)  # metrics name its last launches while the names are there
             self.names.forget(info.pid)
             self._kernel_entries_due[info.pid] = time.monotonic() + self.kernel_entry_grace_s
 
@@ -210,6 +218,16 @@ class Pipeline:
                 continue
             ev = names.observe(ev)
             kernel = names.name_of_launch(ev)
+            if ev.type == ev_mod.EV_LAUNCH and ev.nested:
+                # its record comes before the runtime launch's (written at the runtime call's return), which
+                # carries no CUfunction: the name goes with the runtime launch
+                self._nested_launch[ev.tid] = (ev.ts_ns, kernel)
+            elif ev.func in _RUNTIME_KERNEL_LAUNCH and ev.type == ev_mod.EV_CALL:
+                under = self._nested_launch.pop(ev.tid, None)
+                inside = under is not None and ev.ts_ns <= under[0] <= ev.ts_ns + ev.dur_ns
+                kernel = under[1] if inside else UNKNOWN
+            elif ev.type == ev_mod.EV_NAME and ev.flags & ev_mod.F_NAME_UNREAD:
+                totals.names_unread += 1
             step = steps.process(ev, kernel)
             func = symbol(ev)
             totals.calls[func] += 1
@@ -334,6 +352,7 @@ class Pipeline:
                                              for f, n in self.names.unknown_by_func.items()},
             "kernel_names_resolved": self.names.resolved_fraction,
             "kernel_names_truncated": self.names.names_truncated,
+            "kernel_names_unread": self.totals.names_unread,
             "processes": self.discovery.counters.processes_seen,
             "archive": self.archive.stats(),
         }

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 from . import probes
+from .demangle import readable
 from .events import EV_CALL, EV_LAUNCH, EV_NAME, LAYER_RUNTIME, Event
 
 SCHEMA_VERSION = 1
-_MEMSET_ELEMENT = {"cuMemsetD8_v2": 1, "cuMemsetD16_v2": 2, "cuMemsetD32_v2": 4,
-                   "cuMemsetD8Async": 1, "cuMemsetD16Async": 2, "cuMemsetD32Async": 4}
 _HANDLE_ARGS = {"ptr", "dst", "src", "stream", "event", "handle", "context", "function", "kernel", "graph",
                 "host_stub", "out", "parent"}
 
@@ -24,11 +23,7 @@ def moved_bytes(ev: Event) -> int:
     if ev.type != EV_CALL or (ev.flags & 1 and ev.result != 0):
         return 0
     p = probes.BY_ID.get(ev.func)
-    if p is None or not p.memcpy_kind:
-        return 0
-    if p.group == "set":
-        return ev.args[2] * _MEMSET_ELEMENT[p.symbol]
-    return ev.args[2]
+    return probes.moved_bytes(p, ev.args) if p is not None else 0
 
 
 def _hex(v: int) -> str:
@@ -62,8 +57,8 @@ def args_of(ev: Event) -> dict:
             out[name] = v
     if p and p.group == "memory" and "known" in names and not ev.args[names.index("known")]:
         out["bytes"] = None  # a free of memory allocated before the sidecar attached
-    if p and p.memcpy_kind:
-        out["kind"] = p.memcpy_kind
+    if p and p.copies:
+        out["kind"] = p.direction(ev.args)  # a runtime copy: from its cudaMemcpyKind
         out["bytes"] = moved_bytes(ev)
     return out
 
@@ -86,6 +81,8 @@ def to_record(ev: Event, epoch_offset_ns: int, kernel: str | None, step: int | N
     }
     if kernel is not None:
         rec["kernel"] = kernel
+        if readable(kernel) != kernel:
+            rec["kernel_demangled"] = readable(kernel)
     if ev.nested:
         rec["nested"] = True
     return rec
@@ -122,12 +119,15 @@ def from_record(rec: dict) -> Event | None:
             slots.append(probes.MEMORY_TYPES.index(a[name]) if a.get(name) in probes.MEMORY_TYPES else 0)
         elif name == "known":
             slots.append(0 if a.get("bytes") is None else 1)
+        elif name == "kind":  # a runtime copy's direction, archived by name
+            slots.append(_MEMCPY_KIND_CODES.get(a.get(name), 4))
         else:
             slots.append(_int(a.get(name)))
     return Event(EV_CALL, layer, *head, tuple(slots + [0] * (6 - len(slots))))
 
 
 _RESULT_CODES = {name: code for code, name in probes.CU_RESULTS.items()}
+_MEMCPY_KIND_CODES = {"htod": 1, "dtoh": 2, "dtod": 3, "default": 4}  # cudaMemcpyKind
 
 
 # ---- the archive's hot path: launches (most events) formatted straight to a JSON line ----------------------------
@@ -158,8 +158,9 @@ def launch_line(ev: Event, epoch_offset_ns: int, kernel: str | None, step: int |
     tail = ',"step":%s' % ("null" if step is None else step)
     if kernel is not None:
         q = _quoted_names.get(kernel)
-        if q is None:
-            q = _quoted_names[kernel] = json.dumps(kernel)
+        if q is None:  # once per kernel: the mangled name and, where it differs, the readable one
+            q = _quoted_names[kernel] = json.dumps(kernel) + (
+                ',"kernel_demangled":' + json.dumps(readable(kernel)) if readable(kernel) != kernel else "")
         tail += ',"kernel":' + q
     return (head % (ev.ts_ns + epoch_offset_ns, ev.ts_ns, ev.pid, ev.tid)) + args + tail + "}\n"
 

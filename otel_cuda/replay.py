@@ -46,10 +46,15 @@ class RecordedMaps:
             agg["errors"] += ev.result != 0
             agg["hist"][min(max(ev.dur_ns, 1).bit_length() - 1, 31)] += 1
         p = probes.BY_ID[ev.func]
+        # live memory from the driver layer only (nested calls included): a runtime cudaMalloc/cudaFree is the driver
+        # call under it, and carries no memory type of its own
+        driver = p.layer == probes.DRIVER
         if ev.type == EV_CALL and p.symbol in probes.ALLOCATING and ev.result == 0:
             agg["bytes"] += ev.args[1]
-            self._live[(ev.pid, ev.args[2])] += ev.args[1]
-        elif ev.type == EV_CALL and p.group == "memory" and "known" in p.args and ev.result == 0 and ev.args[3]:
+            if driver:
+                self._live[(ev.pid, ev.args[2])] += ev.args[1]
+        elif (ev.type == EV_CALL and driver and p.group == "memory" and "known" in p.args and ev.result == 0
+              and ev.args[3]):
             self._live[(ev.pid, ev.args[2])] -= ev.args[1]
         else:
             agg["bytes"] += moved_bytes(ev)

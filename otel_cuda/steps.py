@@ -23,6 +23,12 @@ its launching thread but can be closed by any thread of the process:
 * a step left open or waiting longer than `idle_close_ns` is closed by `tick()`, and a thread keeps at most
   `max_waiting` sealed steps (a readback whose wait is never seen must not hold steps forever); `closed_by` says
   which rule closed each step.
+
+What a call is (a launch, a readback, an event record, which wait) comes from the probe table (probes.py), for the
+runtime layer as for the driver: cudaLaunchKernel launches, cudaMemcpyAsync(DeviceToHost) reads back,
+cudaStreamSynchronize / cudaDeviceSynchronize wait. The driver call under a runtime call is flagged nested and
+counts for nothing here (its record comes first, as the runtime call's is written at its return), so a step is
+counted once whichever layers are probed.
 """
 
 from __future__ import annotations
@@ -35,18 +41,20 @@ from . import probes
 from .events import EV_CALL, EV_LAUNCH, F_NESTED, F_RETURN, Event
 from .records import moved_bytes
 
-_ID = probes.BY_SYMBOL
-_GRAPH_LAUNCH = _ID["cuGraphLaunch"].func_id
-_READBACK = {_ID["cuMemcpyDtoHAsync_v2"].func_id, _ID["cuMemcpyDtoH_v2"].func_id}
-_SYNC_COPY = _ID["cuMemcpyDtoH_v2"].func_id
-_RECORD = {_ID["cuEventRecord"].func_id, _ID["cuEventRecordWithFlags"].func_id}
-_EVENT_SYNC = _ID["cuEventSynchronize"].func_id
-_STREAM_SYNC = _ID["cuStreamSynchronize"].func_id
-_CTX_SYNC = _ID["cuCtxSynchronize"].func_id
+# Roles from the probe table (both layers)
+_LAUNCH = probes.LAUNCH_TYPE  # func -> kernel | cooperative | graph
+_GRAPH_LAUNCH = probes.GRAPH_LAUNCHES
+_READBACK = probes.READBACKS  # copies that may be a device->host readback (see probes.is_readback)
+_SYNC_COPY = frozenset(f for f in _READBACK if probes.BY_ID[f].blocking)  # a readback that waits for its result
+_RECORD = probes.RECORDS
+_EVENT_SYNC = frozenset(f for f, k in probes.SYNC_KIND.items() if k == "event")
+_STREAM_SYNC = frozenset(f for f, k in probes.SYNC_KIND.items() if k == "stream")
+_CTX_SYNC = frozenset(f for f, k in probes.SYNC_KIND.items() if k == "context")
 # calls that still belong to a sealed step when they follow its readback on the launching thread
-_READBACK_TAIL = _READBACK | _RECORD | {_ID["cuStreamWaitEvent"].func_id}
+_TAIL = _RECORD | probes.STREAM_WAITS
 # host-blocking waits (cuStreamWaitEvent only enqueues a device-side wait)
-_SYNC = {p.func_id for p in probes.PROBES if p.sync_kind} - {_ID["cuStreamWaitEvent"].func_id}
+_SYNC = frozenset(probes.SYNC_KIND)
+_is_readback = probes.is_readback
 _MAX_EVENTS = 1 << 16  # (pid, event) -> step entries kept; torch reuses a few handles, so this is generous
 
 
@@ -109,25 +117,28 @@ class StepTracker:
 
     def process(self, ev: Event, kernel: str | None) -> int | None:
         """Account one event; returns the id of the step it belongs to, or None."""
-        if ev.type == EV_LAUNCH and not ev.flags & (F_RETURN | F_NESTED) and ev.func != _GRAPH_LAUNCH:
+        if ev.type == EV_LAUNCH and not ev.flags & (F_RETURN | F_NESTED) and ev.func not in _GRAPH_LAUNCH:
             return self._launch(ev, kernel)
         tid, func = ev.tid, ev.func
         step = self._open.get(tid)
-        if step is None and ev.type == EV_LAUNCH and not ev.nested:
+        if ev.nested:  # the runtime call above it is the one that counts
+            return self._account(step, ev, kernel)
+        if step is None and func in _LAUNCH and (ev.type == EV_LAUNCH or ev.type == EV_CALL):
             step = self._start(ev)
         end = ev.ts_ns + ev.dur_ns
         self._last_ns[tid] = end
-        if ev.nested or not ev.has_return or ev.type != EV_CALL:
+        if not ev.has_return or ev.type != EV_CALL:
             return self._account(step, ev, kernel)
-        if step is None and func in _READBACK_TAIL:
+        readback = func in _READBACK and _is_readback(func, ev.args)
+        if step is None and (readback or func in _TAIL):
             waiting = self._waiting.get(tid)
             step = waiting[-1] if waiting else None
-        if func in _READBACK and step is not None and step.sealed_ns < 0:
+        if readback and step is not None and step.sealed_ns < 0:
             self._seal(step, ev)
         if func in _RECORD:
             self._remember_event(ev.pid, ev.args[1], step)
             return self._account(step, ev, kernel)
-        closing = self._closing(ev)
+        closing = self._closing(ev, readback)
         if not closing:
             return self._account(step, ev, kernel)
         how, steps = closing
@@ -139,6 +150,8 @@ class StepTracker:
 
     # -- accounting ---------------------------------------------------------------------------------------
     def _account(self, step: Step | None, ev: Event, kernel: str | None) -> int | None:
+        if ev.nested:  # part of the runtime call above it: its time, bytes and launch are that call's
+            return step.id if step is not None else None
         if step is None:
             if self.is_outlier(ev):
                 self.on_outlier(ev, kernel)
@@ -147,16 +160,14 @@ class StepTracker:
         end = ev.ts_ns + ev.dur_ns
         if end > step.end_ns:
             step.end_ns = end
-        if ev.type == EV_LAUNCH:
-            if ev.nested:
-                pass
-            elif ev.func == _GRAPH_LAUNCH:
-                step.graph_launches += 1
-            else:
-                step.launches += 1
-                if kernel is not None:
-                    step.kernels[kernel] = step.kernels.get(kernel, 0) + 1
-        if ev.has_return and not ev.nested:
+        ltype = _LAUNCH.get(ev.func)
+        if ltype == "graph":
+            step.graph_launches += 1
+        elif ltype is not None:
+            step.launches += 1
+            if kernel is not None:
+                step.kernels[kernel] = step.kernels.get(kernel, 0) + 1
+        if ev.has_return:
             step.api_ns += ev.dur_ns
             if ev.func in _SYNC:
                 step.sync_ns += ev.dur_ns
@@ -206,10 +217,10 @@ class StepTracker:
         if len(self._events) > _MAX_EVENTS:
             del self._events[next(iter(self._events))]
 
-    def _closing(self, ev: Event) -> tuple[str, list[Step]] | None:
+    def _closing(self, ev: Event, readback: bool) -> tuple[str, list[Step]] | None:
         """Which steps the host wait `ev` completes (oldest first), and the rule that says so."""
         func, tid, pid = ev.func, ev.tid, ev.pid
-        if func == _EVENT_SYNC:
+        if func in _EVENT_SYNC:
             key = (pid, ev.args[1])
             if key in self._events:
                 step = self._events[key]
@@ -218,7 +229,7 @@ class StepTracker:
                 return "event", self._thread_steps(step.tid, upto=step)
             open_step = self._open.get(tid)  # recorded before we attached: only this thread's own launches
             return ("thread", [open_step]) if open_step is not None else None
-        if func == _STREAM_SYNC:
+        if func in _STREAM_SYNC:
             stream = ev.args[0]
             steps = self._thread_steps(tid)
             for other, waiting in self._waiting.items():
@@ -226,11 +237,11 @@ class StepTracker:
                 if other != tid and match:
                     steps += self._thread_steps(other, upto=match[-1])
             return ("stream", steps) if steps else None
-        if func in (_CTX_SYNC, _SYNC_COPY):
+        if func in _CTX_SYNC or (readback and func in _SYNC_COPY):
             # A device-wide wait from another thread completes that thread's steps too, but it is the launching
             # thread's own wait or its matched readback that ends them there: leave them to it.
             steps = self._thread_steps(tid)
-            return ("context" if func == _CTX_SYNC else "copy", steps) if steps else None
+            return ("context" if func in _CTX_SYNC else "copy", steps) if steps else None
         return None
 
     def _thread_steps(self, tid: int, upto: Step | None = None) -> list[Step]:

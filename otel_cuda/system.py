@@ -53,11 +53,10 @@ SYS_ARGS = {
     "munlock": ("addr", "bytes", "", ""),
     "offcpu": ("class", "state", "", ""),
 }
-_RUNTIME_LAUNCH = {p.func_id for p in probes.PROBES if p.group == "launch" and p.layer == probes.RUNTIME}
-_CUDA_MALLOC = probes.BY_SYMBOL["cudaMalloc"].func_id
-_CUDA_MEMCPY = probes.BY_SYMBOL["cudaMemcpy"].func_id
-_ALLOCATING = {probes.BY_SYMBOL[s].func_id for s in probes.ALLOCATING}
-_HTOD = {p.func_id for p in probes.PROBES if p.memcpy_kind == "htod"}
+# what a call is, from the probe table: a runtime call counts as what it does (the driver call under it is nested)
+_RUNTIME_LAUNCH = frozenset(f for f in probes.LAUNCH_TYPE if probes.BY_ID[f].layer == probes.RUNTIME)
+_ALLOCATING = probes.ALLOCS
+_COPIES = {p.func_id: p for p in probes.PROBES if p.copies}
 MAX_WINDOW_ITEMS = 1_000_000  # per process: beyond this the window's tallies are marked truncated
 MAX_WINDOWS = 4096  # processes whose model-load result is kept
 
@@ -316,12 +315,10 @@ class SystemView:
         if ev.has_return and ev.result != 0:
             return
         f = ev.func
-        if f in _ALLOCATING or f == _CUDA_MALLOC:
+        if f in _ALLOCATING:
             self._add(w, (ev.ts_ns, "alloc", 0, ev.args[1], 0, ""))
-        elif f in _HTOD:
+        elif f in _COPIES and _COPIES[f].direction(ev.args) == "htod":
             self._add(w, (ev.ts_ns, "htod", 0, moved_bytes(ev), 0, ""))
-        elif f == _CUDA_MEMCPY and ev.args[3] == 1:  # cudaMemcpyHostToDevice
-            self._add(w, (ev.ts_ns, "htod", 0, ev.args[2], 0, ""))
 
     @staticmethod
     def _add(w: Window, item: tuple) -> None:

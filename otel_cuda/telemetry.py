@@ -193,10 +193,15 @@ class SelfMetrics:
                                         description="Buffered steps evicted before a request could claim them")
         meter.create_observable_counter("otel_cuda.kernel_tables.full", [self._single("kernel_table_full")],
                                         unit="{entry}", description="Entries a full kernel table refused: an "
-                                        "aggregate, an allocation's size, an entry->return pair or a tracked file")
+                                        "aggregate, a kernel's launch counter (its launches are then "
+                                        "cuda.kernel.name=unrecorded), an allocation's size, an entry->return pair "
+                                        "or a tracked file")
         meter.create_observable_counter("otel_cuda.kernel_names.truncated", [self._single("kernel_names_truncated")],
                                         unit="{name}", description="Kernel names left cut at 256 bytes (the process "
                                         "was gone before the rest could be read from its memory)")
+        meter.create_observable_counter("otel_cuda.kernel_names.unread", [self._single("kernel_names_unread")],
+                                        unit="{name}", description="Kernel names the probe could not read (or "
+                                        "empty): read from the process's memory instead, else the kernel is unknown")
         meter.create_observable_gauge("otel_cuda.archive.pending", [self._single("archive_pending_bytes")], unit="By",
                                       description="Archive bytes on local disk waiting for upload")
 
@@ -227,8 +232,13 @@ class Telemetry:
         self.clock = clock
         self.tracers = Tracers(span_processor, resources.for_pid)
         self.spans = StepSpans(self.tracers, clock)
+        # launches per kernel from the kernel's table where there is one (replay has none: from the events)
         self.metrics = CudaMetrics(meter_provider.get_meter("otel_cuda"), kernel_maps.stats, kernel_maps.live_bytes,
-                                   top_k)
+                                   top_k, kernel_launches=getattr(kernel_maps, "kernel_launches", None))
+        # cuda.api.duration / cuda.sync.duration come from the kernel's histograms, added to what each reader collects
+        # (the SDK has no asynchronous histogram): the readers the MeterProvider was built with
+        for reader in meter_provider._metric_readers:  # noqa: SLF001
+            self.metrics.histograms.install(reader, meter_provider._sdk_config.resource)  # noqa: SLF001
         self.system = SystemView(self.tracers, clock, meter_provider.get_meter("otel_cuda"), kernel_maps)
         self.steps = StepBuffer(joiner_config)
         self.processes: dict[int, ProcInfo] = {}
@@ -245,6 +255,7 @@ class Telemetry:
 
     def attach_pipeline(self, pipeline) -> None:
         self.pipeline = pipeline
+        self.metrics.launches.name = pipeline.names.lookup
 
     # -- Observer ----------------------------------------------------------------------------------------
     def on_events(self, batch) -> None:
@@ -254,6 +265,7 @@ class Telemetry:
     def on_idle(self, now_ns: int) -> None:
         """The pipeline has processed every event stamped before now_ns: joins waiting on it may proceed."""
         self._note_losses(now_ns)
+        self.metrics.names_read_before(now_ns)
         self.steps.advance(now_ns)
         self.system.on_idle(now_ns)
 
@@ -287,6 +299,10 @@ class Telemetry:
         self.resources.for_pid(info.pid, info)
         self.system.on_process(info)
 
+    def before_forget(self, pid: int) -> None:
+        """The pipeline read everything the gone process wrote; its kernel names go next."""
+        self.metrics.settle(pid)
+
     def on_process_exit(self, info: ProcInfo) -> None:
         self.metrics.retire(info.pid)
         self.system.on_process_exit(info)
@@ -302,6 +318,7 @@ class Telemetry:
                              "decode_error": p.reader.counters.decode_errors}
             out["launch_names"] = {"named": p.names.launches_named, "unknown": p.names.launches_unknown}
             out["kernel_names_truncated"] = p.names.names_truncated
+            out["kernel_names_unread"] = p.totals.names_unread
             out["kernel_table_full"] = p.probes.table_full()
         j = self.joiner.counters
         out["join"] = j.outcomes()
@@ -314,6 +331,7 @@ class Telemetry:
             return
         self._stopped = True
         self.system.shutdown()  # model-load spans of processes still loading end now
+        self.metrics.final()  # the consumer has stopped: kernels still unnamed are unknown
         self.tracers.shutdown()
         for provider in (self.meter_provider, self.self_meter_provider):
             try:

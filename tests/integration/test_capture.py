@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from otel_cuda.probes import BY_ID
+from otel_cuda.probes import BY_ID, BY_SYMBOL as BY_ID_SYMBOL
 
 from support.harness import RunningSidecar, WORKLOAD, run_workload, start_workload
 
@@ -228,3 +228,140 @@ def test_a_gone_process_frees_its_kernel_entries_and_keeps_its_totals(probes):
         if point.attributes["process.pid"] == pid:
             calls[point.attributes["cuda.function"]] += point.value
     assert dict(calls) == {f: n for f, n in truth["calls"].items() if n}
+
+
+LAUNCH_FUNCS = {p.symbol for p in BY_ID.values() if p.launch}
+
+
+def launch_series(reader, pid):
+    """cuda.kernel.launches of pid: {(launch type, kernel name or None): launches}."""
+    return {(p.attributes["cuda.launch.type"], p.attributes.get("cuda.kernel.name")): p.value
+            for p in metric_points(reader, "cuda.kernel.launches") if p.attributes["process.pid"] == pid and p.value}
+
+
+def api_calls(reader, pid):
+    calls = Counter()
+    for p in metric_points(reader, "cuda.api.calls"):
+        if p.attributes["process.pid"] == pid:
+            calls[p.attributes["cuda.function"]] += p.value
+    return calls
+
+
+def histogram_counts(reader, name, key, pid):
+    return {p.attributes[key]: (p.count, sum(p.bucket_counts)) for p in metric_points(reader, name)
+            if p.attributes["process.pid"] == pid}
+
+
+def test_metrics_stay_exact_when_the_ring_buffer_overflows(testbed):
+    """A ring buffer of 4 pages (16 KiB, ~180 launch records) and a workload that launches 2400 kernels between two
+    of the consumer's reads: most events are lost, every metric still equals the workload's own count, because
+    each one is read from a kernel aggregate (launches per kernel from kernel_launches, durations from the kernel's
+    log2 histograms)."""
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    tiny = Probes(BpfConfig(ringbuf_pages=4))
+    try:
+        sidecar = RunningSidecar(tiny, match=r"workload .*--tag capture-overflow")
+        truth = run_workload("--tag", "capture-overflow", "--threads", "2", "--steps", "30", "--launches", "40",
+                             "--graph-every", "3", "--errors", "0", "--start-delay-ms", "1500")
+        time.sleep(0.3)
+        summary = sidecar.stop()
+        pid = truth["pid"]
+        assert summary["lost_ringbuf"] > 1000, summary["lost_ringbuf"]  # it did overflow
+
+        calls = api_calls(sidecar.metrics, pid)
+        assert dict(calls) == {f: n for f, n in truth["calls"].items() if n}
+        launches = launch_series(sidecar.metrics, pid)
+        assert sum(launches.values()) == sum(calls[f] for f in LAUNCH_FUNCS)
+        assert sum(launches.values()) == truth["launches_total"] + truth["graph_launches"]
+        # per kernel too: the kernel counted each under its handle, named at collection (names are few, woken at once)
+        assert summary["launches_unknown"] == 0 and ("kernel", "unrecorded") not in launches
+        by_name = Counter()
+        for (ltype, name), n in launches.items():
+            if ltype != "graph":
+                by_name[name] += n
+        assert dict(by_name) == truth["launches_by_kernel"]
+        assert launches[("graph", None)] == truth["graph_launches"]
+
+        # the duration histograms count every call with a return, each once (kernel log2 buckets)
+        durations = histogram_counts(sidecar.metrics, "cuda.api.duration", "cuda.function", pid)
+        timed = {f: n for f, n in truth["calls"].items() if n and not BY_ID_SYMBOL[f].entry_only}
+        assert {f: c for f, (c, _) in durations.items()} == timed
+        assert all(c == b for c, b in durations.values())
+        syncs = histogram_counts(sidecar.metrics, "cuda.sync.duration", "cuda.sync.kind", pid)
+        assert syncs == {"stream": (truth["calls"]["cuStreamSynchronize"],) * 2,
+                         "context": (truth["calls"]["cuCtxSynchronize"],) * 2,
+                         "event": (truth["calls"]["cuEventSynchronize"],) * 2}
+    finally:
+        tiny.close()
+
+
+def test_a_full_kernel_launch_table_counts_the_rest_as_unrecorded(testbed):
+    """With room for two (process, function, kernel) counters, the launches the table could not hold are not lost
+    from cuda.kernel.launches: they are its `unrecorded` series, and the series still add up to the launch calls."""
+    from otel_cuda.bpf import BpfConfig, Probes
+
+    small = Probes(BpfConfig(max_kernels=2))
+    try:
+        sidecar = RunningSidecar(small, match=r"workload .*--tag capture-kfull")
+        truth = run_workload("--tag", "capture-kfull", "--threads", "1", "--steps", "4", "--launches", "6",
+                             "--graph-every", "2", "--errors", "0", "--start-delay-ms", "1500")
+        time.sleep(0.3)
+        sidecar.stop()
+        pid = truth["pid"]
+        launches = launch_series(sidecar.metrics, pid)
+        calls = api_calls(sidecar.metrics, pid)
+        assert sum(launches.values()) == sum(calls[f] for f in LAUNCH_FUNCS)
+        assert sum(launches.values()) == truth["launches_total"] + truth["graph_launches"]
+        unrecorded = sum(n for (_, name), n in launches.items() if name == "unrecorded")
+        recorded = sum(small.kernel_launches().get(k, 0) for k in small.kernel_launches() if k[0] == pid)
+        assert unrecorded == truth["launches_total"] - recorded > 0
+        assert small.table_full() >= unrecorded
+    finally:
+        small.close()
+
+
+def test_runtime_layer_steps_launches_and_allocations_equal_the_driver_only_run(probes):
+    """The same workload through libcudart (--runtime, runtime probes on) and straight on the driver: steps, kernel
+    launches by name, graph launches and allocations come out equal, and equal to the workload's own counts. The
+    driver call under each runtime call is flagged nested: cudaMalloc is one allocation, not two; a step opened by
+    cudaLaunchKernel, sealed by cudaMemcpyAsync(DeviceToHost) and closed by cudaStreamSynchronize is one step."""
+    sidecar = RunningSidecar(probes, match=r"workload .*--tag capture-layers", runtime=True)
+    args = ("--threads", "2", "--steps", "5", "--launches", "4", "--graph-every", "2", "--errors", "0",
+            "--start-delay-ms", "1500")
+    driver = run_workload("--tag", "capture-layers", *args)
+    runtime = run_workload("--tag", "capture-layers", "--runtime", *args)
+    time.sleep(0.3)
+    summary = sidecar.stop()
+    assert summary["lost_ringbuf"] == 0
+    spans = sidecar.spans.get_finished_spans()
+    allocations = {}
+    got = {}
+    for name, truth in (("driver", driver), ("runtime", runtime)):
+        pid = truth["pid"]
+        steps = [s for s in spans if s.name == "cuda.step" and s.resource.attributes["process.pid"] == pid]
+        launches = launch_series(sidecar.metrics, pid)
+        by_name = Counter()
+        for (ltype, kernel), n in launches.items():
+            if ltype != "graph":
+                by_name[kernel] += n
+        got[name] = {
+            "steps": len(steps),
+            "step_launches": sum(s.attributes["cuda.launches"] for s in steps),
+            "step_graph_launches": sum(s.attributes["cuda.graph_launches"] for s in steps),
+            "closed_by": Counter(s.attributes.get("cuda.step.closed_by") for s in steps),
+            "launches_by_kernel": dict(by_name),
+            "graph_launches": launches.get(("graph", None), 0),
+        }
+        assert got[name] == {
+            "steps": truth["steps_total"], "step_launches": truth["launches_total"],
+            "step_graph_launches": truth["graph_launches"], "closed_by": got[name]["closed_by"],
+            "launches_by_kernel": truth["launches_by_kernel"], "graph_launches": truth["graph_launches"]}, name
+        allocations[name] = {p.attributes["cuda.memory.type"]: p.value
+                             for p in metric_points(sidecar.metrics, "cuda.memory.allocations")
+                             if p.attributes["process.pid"] == pid}
+        # each allocation once: the driver's count has cudaMalloc's cuMemAlloc_v2 in it, the metric has cudaMalloc
+        device = sum(truth["calls"][f] for f in ("cuMemAlloc_v2", "cuMemAllocAsync", "cuMemCreate"))
+        assert allocations[name]["device"] == device, name
+    assert got["runtime"] == got["driver"]
+    assert allocations["runtime"]["device"] == allocations["driver"]["device"] + runtime["options"]["threads"]

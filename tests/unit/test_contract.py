@@ -19,6 +19,7 @@ STRUCTS = {
     "oc_proc": events.Proc,
     "oc_target": events.Target,
     "oc_stat_key": events.StatKey,
+    "oc_kernel_key": events.KernelKey,
     "oc_stat": events.Stat,
     "oc_live_key": events.LiveKey,
 }

@@ -6,6 +6,7 @@ import json
 from otel_cuda.analyze import analyze
 from otel_cuda.demangle import readable
 from otel_cuda.events import EV_LAUNCH, Event
+from otel_cuda.records import launch_line
 from otel_cuda.spans import call_attributes
 from otel_cuda.timeline import write_trace
 from tests.support.trace_samples import call
@@ -35,3 +36,10 @@ def test_spans_analyze_and_timeline_show_the_readable_name():
     write_trace(records, out)
     events = [e for e in json.loads(out.getvalue())["traceEvents"] if e.get("args", {}).get("kernel")]
     assert {e["name"] for e in events} == {READABLE} and {e["args"]["kernel"] for e in events} == {MANGLED}
+
+
+def test_the_archive_keeps_both_names():
+    ev = Event(EV_LAUNCH, 0, 0, 1, 7, 7, 1000, 0, -1, (0x10, 5, 1, 1, 1, 1, 1, 1, 0))
+    line = json.loads(launch_line(ev, 0, MANGLED, 3))
+    assert (line["kernel"], line["kernel_demangled"]) == (MANGLED, READABLE)
+    assert "kernel_demangled" not in json.loads(launch_line(ev, 0, "flash_fwd_kernel", 3))

@@ -198,7 +198,7 @@ def run_demo(args) -> dict:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.grpc_port}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
     ns = argparse.Namespace(
         match=MATCH, archive=str(archive_dir), receiver_grpc=f"127.0.0.1:{receiver_port}", receiver_http="off",
-        metrics_address=f"127.0.0.1:{metrics_port}", health_address="off", discovery_interval="0.1")
+        metrics_address=f"127.0.0.1:{metrics_port}", health_address="off", discovery_interval="0.1", runtime=True)
     settings = resolve(ns, env={})
     probes = Probes(settings.bpf)
     sidecar = start(settings, probes, env=env)
@@ -217,6 +217,12 @@ def run_demo(args) -> dict:
              "--weights", str(weights), "--mmap-bytes", str(args.weights_bytes // 2)],
             check=True, capture_output=True, text=True, timeout=300)
         truth = json.loads(workload.stdout)
+        # the same workload through the runtime API (cudaLaunchKernel, cudaMemcpyAsync, cudaStreamSynchronize):
+        # with --runtime its steps and launches must count once, as the driver-only run's do
+        runtime_truth = json.loads(subprocess.run(
+            [str(WORKLOAD), "--tag", TAG + "-runtime", "--runtime", "--threads", "2", "--steps", "10",
+             "--launches", "4", "--graph-every", "0", "--errors", "0", "--start-delay-ms", "1000"],
+            check=True, capture_output=True, text=True, timeout=300).stdout)
 
         # 4. the two pods, their CUDA processes traced, their API servers exporting llm_request to our receiver
         pods = [Pod(name, options, own_ns, receiver_port, workdir) for name, options, own_ns in PODS]
@@ -248,8 +254,80 @@ def run_demo(args) -> dict:
     sink.wait_for(lambda: sum(1 for s in sink.spans() if s["name"] == "llm_request") >= sent + 1, 10)
     spans = sink.spans()
     metric_names = sorted(sink.metric_names())
+    kernel_labels = {p.get("attributes", {}).get("cuda.kernel.name") for p in sink.metric_points("cuda.kernel.launches")}
     sink.stop()
-    return report(truth, pods, results, invalid_trace, summary, sidecar, spans, metric_names, archive_dir)
+    out = report(truth, pods, results, invalid_trace, summary, sidecar, spans, metric_names, archive_dir)
+    out["runtime"] = runtime_report(runtime_truth, spans)
+    out["late_attach"] = late_attach()
+    out["kernel_names_demangled"] = names_demangled(archive_dir, kernel_labels - {None})
+    out["ok"] = (out["ok"] and out["runtime"]["ok"] and out["kernel_names_demangled"]
+                 and out["late_attach"]["named"] >= 0.99 * out["late_attach"]["launches"] > 0)
+    return out
+
+
+def runtime_report(truth: dict, spans: list[dict]) -> dict:
+    """The --runtime workload's steps and kernel launches as the sidecar's step spans counted them."""
+    steps = [s for s in spans if s["name"] == "cuda.step" and s["resource"].get("process.pid") == truth["pid"]]
+    out = {"steps": len(steps), "steps_expected": truth["steps_total"],
+           "launches_expected": truth["launches_total"],
+           "launches_counted": sum(s["attributes"].get("cuda.launches", 0) for s in steps)}
+    out["ok"] = out["steps"] == out["steps_expected"] and out["launches_counted"] == out["launches_expected"]
+    return out
+
+
+def late_attach(launches: int = 300) -> dict:
+    """A second sidecar started after a process loaded and launched its kernels: how many of the launches that
+    follow it names (kernels loaded before attach are named from the driver's objects, late_names.py)."""
+    from .bpf import Probes
+    from .config import resolve
+    from .sidecar import start
+
+    child = subprocess.Popen([sys.executable, str(TESTBED / "late_attach_child.py"), str(TESTBED / "build" / "libcuda.so.1"),
+                              str(launches), "now"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={"FAKE_CUDA_SYNC_US": "0", "PATH": "/usr/bin:/bin"})
+    probes = None
+    try:
+        for expect in ("mapped", "ready"):  # its kernels loaded, named and launched once: only now do we attach
+            if expect not in json.loads(child.stdout.readline()):
+                raise RuntimeError(f"the late-attach process did not get {expect}")
+        ns = argparse.Namespace(pid=str(child.pid), no_archive=True, receiver_grpc="off", receiver_http="off",
+                                metrics_address="off", health_address="off", discovery_interval="0.1")
+        settings = resolve(ns, env={})
+        probes = Probes(settings.bpf)
+        sidecar = start(settings, probes, env={})
+        stop = threading.Event()
+        runner = threading.Thread(target=sidecar.run, args=(stop,), name="late-sidecar", daemon=True)
+        runner.start()
+        seen = sidecar.pipeline.totals.by_pid
+        deadline = time.monotonic() + 30
+        while not seen.get((child.pid, "cuStreamSynchronize")) and time.monotonic() < deadline:
+            child.stdin.write("ping\n")  # until the sidecar sees this process's calls: attached
+            child.stdin.flush()
+            child.stdout.readline()
+            time.sleep(0.1)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        child.stdout.readline()
+        while seen.get((child.pid, "cuLaunchKernel"), 0) < launches and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        runner.join(60)
+        names = sidecar.pipeline.names
+        return {"launches": names.launches_named + names.launches_unknown, "named": names.launches_named}
+    finally:
+        child.kill()
+        child.wait()
+        if probes is not None:
+            probes.close()
+
+
+def names_demangled(archive_dir: Path, metric_labels: set) -> bool:
+    """Kernel names are readable where people read them: no mangled name on the metrics, and every mangled name in
+    the archive has its demangled form beside it."""
+    launches = [r for r in archive_records(archive_dir) if r.get("kernel")]
+    mangled = [r for r in launches if r["kernel"].startswith("_Z")]
+    return (bool(mangled) and all(r.get("kernel_demangled", "_Z").startswith("_Z") is False for r in mangled)
+            and not any(name.startswith("_Z") for name in metric_labels))
 
 
 def _int(v) -> int:
@@ -300,7 +378,7 @@ def report(truth, pods, results, invalid_trace, summary, sidecar, spans, metric_
     captured = {f: n for (p, f), n in sidecar.pipeline.totals.by_pid.items() if p == pid}
     expected = {f: n for f, n in truth["calls"].items() if n}
     records = archive_records(archive_dir)
-    cuda_lines = [r for r in records if r.get("type") == "cuda_api"]
+    cuda_lines = [r for r in records if r.get("type") in ("cuda_api", "cuda_runtime")]
     per_request, per_pod = judge_requests(pods, spans)
     sent = [r for rs in results.values() for r in rs]
     invalid = next((s for s in spans if s["name"] == "llm_request" and s["trace_id"] == invalid_trace), None)
@@ -365,7 +443,8 @@ def render(r: dict) -> str:
         f"  workload calls: expected {sum(exp.values())}, captured {sum(cap.values())} "
         f"({'equal for every function' if exp == cap else 'DIFFERENT'}) over {len(exp)} functions",
         f"  lost {r['events_lost']}, launches named {r['kernel_names_resolved']:.1%}, steps {r['steps']}",
-        f"  archive {r['archive']}: {r['archive_events']} cuda_api lines (captured {r['events_captured_total']})",
+        f"  archive {r['archive']}: {r['archive_events']} cuda_api/cuda_runtime lines (captured "
+        f"{r['events_captured_total']}); kernel names demangled: {'yes' if r.get('kernel_names_demangled') else 'NO'}",
         f"  engine loop {r['engine_loop']}",
     ]
     for i in r["instances"]:
@@ -381,6 +460,10 @@ def render(r: dict) -> str:
         f"{r['requests_unsure_engine']}",
         f"  aborted request (invalid latency attributes): outcome {r['invalid_span_outcome']}, steps claimed "
         f"{r['invalid_windows_claimed']} (expected 0)",
+        f"  --runtime workload: steps {r['runtime']['steps']} (expected {r['runtime']['steps_expected']}), launches "
+        f"{r['runtime']['launches_counted']} (expected {r['runtime']['launches_expected']})",
+        f"  sidecar attached after the kernels were loaded: {r['late_attach']['named']} of "
+        f"{r['late_attach']['launches']} later launches named",
         "  spans downstream: " + ", ".join(f"{k} {v}" for k, v in sorted(r["spans"].items())),
         "  metrics downstream: " + ", ".join(r["metrics"]),
     ]

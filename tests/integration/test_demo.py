@@ -54,6 +54,16 @@ def test_captured_equals_the_workloads_own_count(demo):
             "otel_cuda.events"} <= set(result["metrics"])
 
 
+def test_runtime_layer_late_attach_and_readable_names(demo):
+    """Issue 12's checks: the --runtime workload's steps and launches count once and equal its own; a sidecar that
+    attached after the kernels were loaded names the later launches; kernel names are demangled."""
+    result, *_ = demo
+    rt = result["runtime"]
+    assert (rt["steps"], rt["launches_counted"]) == (rt["steps_expected"], rt["launches_expected"]) == (20, 80)
+    assert result["late_attach"] == {"launches": 300, "named": 300}
+    assert result["kernel_names_demangled"] is True
+
+
 def test_two_pods_data_and_tensor_parallel_in_two_pid_namespaces(demo):
     result, _, truths, _ = demo
     a, b = truths["A"], truths["B"]
@@ -189,4 +199,9 @@ def test_replay_reexports_the_archive_as_the_live_sidecar_did(demo):
     for (f, n) in result["events_expected"].items():
         expected[f] = expected.get(f, 0) + n
     assert all(calls[f] >= n for f, n in expected.items())
-    assert sum(calls.values()) == result["events_captured_total"]
+    # every call once: a driver call made inside a probed runtime call (archived as nested) is not counted again
+    from otel_cuda.demo import archive_records
+
+    archived = [r for r in archive_records(workdir / "archive") if r.get("type") in ("cuda_api", "cuda_runtime")]
+    assert len(archived) == result["events_captured_total"]
+    assert sum(calls.values()) == sum(1 for r in archived if not r.get("nested"))

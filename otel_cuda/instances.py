@@ -163,8 +163,9 @@ class InstanceMap:
         """The API server: the sender's socket owner, or the ancestor of traced processes it descends from."""
         if peer is None:
             return None
-        if peer in self._peers:
-            return self._peers[peer]
+        owner = self._peers.get(peer)
+        if owner is not None and os.path.isdir(f"{self._proc}/{owner}"):  # gone: the port may be another's now
+            return owner
         candidates = {a for chain in traced.values() for a in chain if a > 1}
         owner = socket_owner(peer, sorted(candidates), self._proc)
         if owner is None:  # a sender that is not an ancestor (a sidecar exporter of the pod): its own chain

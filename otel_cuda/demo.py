@@ -230,8 +230,18 @@ def run_demo(args) -> dict:
             pod.wait_ready()
 
         def load(pod: Pod):
-            results[pod.name] = run_load(LoadConfig(url=pod.url, n=args.requests, workers=args.concurrency,
-                                                    max_tokens=8))
+            # requests of two lengths side by side, as real traffic has them: data-parallel engines fed exactly
+            # alike would step alike, and no timing could tell which one ran a request
+            half = max(1, args.requests // 2)
+            configs = [LoadConfig(url=pod.url, n=n, workers=max(1, args.concurrency // 2), max_tokens=m)
+                       for n, m in ((half, 6), (args.requests - half, 11)) if n]
+            out: list = []
+            parts = [threading.Thread(target=lambda c=c: out.extend(run_load(c))) for c in configs]
+            for t in parts:
+                t.start()
+            for t in parts:
+                t.join()
+            results[pod.name] = out
         senders = [threading.Thread(target=load, args=(pod,), name=f"load-{pod.name}") for pod in pods]
         for t in senders:
             t.start()

@@ -133,6 +133,9 @@ class InstanceMap:
         self._attributes_of = attributes_of
         self._proc = proc
         self._peers: dict[tuple[str, int], int] = {}  # a connection's peer -> its process (connections persist)
+        # pid -> its pid in its own namespace, read while it lived: an API server flushes its last spans as it
+        # exits, and they are joined after it is gone
+        self._ns_pids: dict[int, int] = {}
         self._unknown: set = set()  # senders already reported as matching nothing
 
     def resolve(self, resource: dict, peer=None) -> Instance | None:
@@ -186,15 +189,28 @@ class InstanceMap:
             del self._peers[next(iter(self._peers))]
         return owner
 
+    def note(self, chain: tuple[int, ...]) -> None:
+        """A traced process's ancestors, read at its selection: their namespace pids, while they live."""
+        for pid in chain:
+            self._ns_pid(pid)
+
+    def _ns_pid(self, pid: int) -> int | None:
+        if pid not in self._ns_pids:
+            found = ns_pid(pid, self._proc)
+            if found is None:
+                return None
+            self._ns_pids[pid] = found
+        return self._ns_pids[pid]
+
     def _by_process_id(self, value, traced: dict) -> int | None:
         try:
             want = int(value)
         except (TypeError, ValueError):
             return None
         ancestors = {a for chain in traced.values() for a in chain if a > 1}
-        if want in ancestors and ns_pid(want, self._proc) == want:  # same pid namespace as ours
+        if want in ancestors and self._ns_pid(want) == want:  # same pid namespace as ours
             return want
-        matches = [a for a in ancestors if ns_pid(a, self._proc) == want]
+        matches = [a for a in ancestors if self._ns_pid(a) == want]
         return matches[0] if len(matches) == 1 else None
 
 

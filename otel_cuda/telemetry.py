@@ -295,6 +295,7 @@ class Telemetry:
     def on_process(self, info: ProcInfo) -> None:
         self.processes[info.pid] = info
         self.ancestors[info.pid] = ancestor_chain(info.pid)
+        self.instances.note(self.ancestors[info.pid])
         self.steps.traced_since(info.pid, time.monotonic_ns())
         self.resources.for_pid(info.pid, info)
         self.system.on_process(info)

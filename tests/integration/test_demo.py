@@ -125,8 +125,9 @@ def test_every_request_is_exact_against_the_engines_ground_truth(demo):
     n = len(gt_requests)
     assert (result["requests"], result["requests_linked"]) == (n, n)
     assert result["requests_complete"] == n - unsure and result["requests_unsure_engine"] == unsure
+    # how many the join is unsure of depends on how alike the two engines stepped (timing, the machine's load): a
+    # figure the demo reports, bounded in the deterministic simulation of tests/unit/test_join.py, not here
     assert result["requests_complete_but_wrong"] == 0 and result["requests_exact"] >= n - unsure
-    assert unsure <= REQUESTS_PER_POD // 2, f"{unsure} of pod A's {REQUESTS_PER_POD} requests not placed on one engine"
 
 
 def test_an_aborted_requests_windows_claim_no_steps(demo):

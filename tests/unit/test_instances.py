@@ -69,3 +69,17 @@ def test_pod_attributes_when_no_process_is_named(tmp_path):
     m = InstanceMap("auto", lambda: traced, pods.get, proc=proc)
     assert m.resolve({"k8s.pod.uid": "b"}).engines == {201: (201,)}
     assert m.resolve({"k8s.pod.uid": "c"}) is None
+
+
+def test_a_sender_that_exited_before_its_last_spans_were_joined(tmp_path):
+    """vLLM's API server flushes its last llm_request spans as it shuts down: the join runs after it is gone."""
+    import shutil
+
+    proc = fake_proc(tmp_path, {200: (60, 1), 201: (200, 5), 202: (201, 6)})  # pod B: API pid 1 in its namespace
+    traced = {pid: ancestor_chain(pid, proc) for pid in (202,)}
+    m = InstanceMap("auto", lambda: traced, lambda pid: {}, proc=proc)
+    m.note(traced[202])  # at selection, while everything lives
+    for pid in (200, 201, 202):
+        shutil.rmtree(tmp_path / str(pid))
+    found = m.resolve({"vllm.process_id": "1"})
+    assert (found.api_pid, found.engines) == (200, {201: (202,)})

@@ -146,7 +146,40 @@ class Driver:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Tracer:
+class TracerProcess:
+    """A tracer in a process of its own, spoken to in lines: commands on stdin, one JSON object answered on stdout
+    (other output is passed over). The first object says it is ready."""
+
+    def __init__(self, cmd: list[str]):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._read()
+        if not self.ready.get("ready"):
+            raise RuntimeError(f"tracer did not start: {self.ready}")
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"tracer exited (rc {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict:
+        try:
+            out = self.ask("quit")
+            self.proc.wait(120)
+            return out
+        except Exception as exc:  # noqa: BLE001
+            self.proc.kill()
+            return {"error": str(exc)}
+
+
+class Tracer(TracerProcess):
     """bench/tracer.py in a process of its own (pinned to `cpus`): our probes on one copy, the sidecar consuming."""
 
     def __init__(self, lib: str, pid: int, cpus: str = "0", archive: str | None = None,
@@ -164,49 +197,24 @@ class Tracer:
             cmd += ["--cpus", cpus]
         if detached:
             cmd.append("--detached")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = self._read()
-        if not ready.get("ready"):
-            raise RuntimeError(f"tracer did not start: {ready}")
-        self.kind = ready["kind"]
-        self.pid = ready["pid"]
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"tracer exited (rc {self.proc.wait()})")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def _ask(self, line: str) -> dict:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self._read()
+        super().__init__(cmd)
+        self.kind = self.ready["kind"]
+        self.pid = self.ready["pid"]
 
     def stats(self) -> dict:
-        return self._ask("stats")
+        return self.ask("stats")
 
     def wait(self, symbol: str, n: int, archive: bool) -> dict:
-        return self._ask(f"wait {symbol} {n} {int(archive)}")
+        return self.ask(f"wait {symbol} {n} {int(archive)}")
 
     def settle(self) -> dict:
-        return self._ask("settle")
+        return self.ask("settle")
 
     def attach(self) -> dict:
-        return self._ask("attach")
+        return self.ask("attach")
 
     def detach(self) -> dict:
-        return self._ask("detach")
-
-    def close(self) -> dict:
-        try:
-            out = self._ask("quit")
-            self.proc.wait(120)
-            return out
-        except Exception as exc:  # noqa: BLE001
-            self.proc.kill()
-            return {"error": str(exc)}
+        return self.ask("detach")
 
 
 # ---- the floors: empty BPF programs ---------------------------------------------------------------------------

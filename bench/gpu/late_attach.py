@@ -46,6 +46,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE.parent))
+
+import benchlib as bl  # noqa: E402
 
 from otel_cuda import late_names  # noqa: E402
 
@@ -400,36 +403,10 @@ class FakeDecode:
 
 # ---- the sidecar in a process of its own ---------------------------------------------------------------------------
 
-class Sidecar:
+class Sidecar(bl.TracerProcess):
     def __init__(self, lib: str, pid: int, archive: str, layouts_file: str, python: str):
-        cmd = [python, str(HERE / "late_tracer.py"), "--layouts", layouts_file, "--lib", lib, "--pid", str(pid),
-               "--archive", archive, "--symbols", "default"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ready = self._read()
-        if not self.ready.get("ready"):
-            raise RuntimeError(f"tracer did not start: {self.ready}")
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"tracer exited (rc {self.proc.wait()})")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> dict:
-        try:
-            out = self.ask("quit")
-            self.proc.wait(120)
-            return out
-        except Exception as exc:  # noqa: BLE001
-            self.proc.kill()
-            return {"error": repr(exc)}
+        super().__init__([python, str(HERE / "late_tracer.py"), "--layouts", layouts_file, "--lib", lib,
+                          "--pid", str(pid), "--archive", archive, "--symbols", "default"])
 
 
 def read_archive(d: str) -> list[dict]:

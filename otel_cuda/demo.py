@@ -336,7 +336,7 @@ def names_demangled(archive_dir: Path, metric_labels: set) -> bool:
     the archive has its demangled form beside it."""
     launches = [r for r in archive_records(archive_dir) if r.get("kernel")]
     mangled = [r for r in launches if r["kernel"].startswith("_Z")]
-    return (bool(mangled) and all(r.get("kernel_demangled", "_Z").startswith("_Z") is False for r in mangled)
+    return (bool(mangled) and not any(r.get("kernel_demangled", "_Z").startswith("_Z") for r in mangled)
             and not any(name.startswith("_Z") for name in metric_labels))
 
 

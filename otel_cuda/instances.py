@@ -125,11 +125,9 @@ class InstanceMap:
     `attributes_of(pid)` the pod / container attributes of a traced process; `proc` is the /proc to read."""
 
     def __init__(self, key: str, traced: Callable[[], dict[int, tuple[int, ...]]],
-                 attributes_of: Callable[[int], dict], proc: str = "/proc",
-                 refresh: Callable[[], None] = lambda: None):
+                 attributes_of: Callable[[int], dict], proc: str = "/proc"):
         self.key = key  # auto | pod | container | host
         self._traced = traced
-        self._refresh = refresh  # re-read the traced processes' ancestor chains (read once, at selection)
         self._attributes_of = attributes_of
         self._proc = proc
         self._peers: dict[tuple[str, int], int] = {}  # a connection's peer -> its process (connections persist)
@@ -139,15 +137,6 @@ class InstanceMap:
         self._unknown: set = set()  # senders already reported as matching nothing
 
     def resolve(self, resource: dict, peer=None) -> Instance | None:
-        found = self._resolve(resource, peer)
-        if found is None and self.key == "auto":
-            # a chain read at selection can be stale (a process selected at a fork, before its exec re-parented
-            # nothing, or one whose parent exited): read them again once before saying "unknown"
-            self._refresh()
-            found = self._resolve(resource, peer, report=True)
-        return found
-
-    def _resolve(self, resource: dict, peer=None, report: bool = False) -> Instance | None:
         traced = self._traced()
         if self.key == "host":  # one instance: every traced process, each its own engine
             return Instance(None, {pid: (pid,) for pid in sorted(traced)}, "host")
@@ -166,7 +155,7 @@ class InstanceMap:
                 if pids:
                     return Instance(None, {pid: (pid,) for pid in pids}, how)
         key = (str(peer), resource.get("vllm.process_id"))
-        if report and key not in self._unknown:  # once per sender: a misconfigured selection would repeat it per request
+        if key not in self._unknown:  # once per sender: a misconfigured selection would repeat it per request
             self._unknown.add(key)
             log.warning("a request span from %s (vllm.process_id %s, sent by process %s) matches no traced process: "
                         "its CUDA work is not joined (outcome unknown_instance); is its engine selected?",

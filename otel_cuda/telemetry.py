@@ -244,7 +244,7 @@ class Telemetry:
         self.processes: dict[int, ProcInfo] = {}
         self.ancestors: dict[int, tuple[int, ...]] = {}  # traced pid -> its ancestors, parent first
         self.instances = InstanceMap(joiner_config.instance_key, lambda: dict(self.ancestors),
-                                     lambda pid: self.resources.for_pid(pid).attributes, refresh=self._reread_ancestors)
+                                     lambda pid: self.resources.for_pid(pid).attributes)
         self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset, self.instances.resolve,
                              on_request=on_request)
         self._losses = (0, 0, time.monotonic_ns())  # ring-buffer losses and kernel-table refusals at the last look
@@ -303,12 +303,6 @@ class Telemetry:
     def before_forget(self, pid: int) -> None:
         """The pipeline read everything the gone process wrote; its kernel names go next."""
         self.metrics.settle(pid)
-
-    def _reread_ancestors(self) -> None:
-        for pid in list(self.processes):  # the live ones; a gone process keeps the chain it had
-            chain = ancestor_chain(pid)
-            if chain:
-                self.ancestors[pid] = chain
 
     def on_process_exit(self, info: ProcInfo) -> None:
         self.metrics.retire(info.pid)

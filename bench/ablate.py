@@ -8,6 +8,8 @@ interleaved rounds; the kernel's run-time statistics (BPF_ENABLE_STATS) give eac
   no_stack_read   without the one bpf_probe_read_user of the 7th-9th arguments (block z, shared memory, stream)
   no_ring_buffer  without the ring-buffer record (reserve, fill, submit)
   no_clock        without bpf_ktime_get_ns
+  no_kernel_count without the per-kernel launch counter (a hash update keyed by pid, function and handle)
+  registers_only  without the stack read and the per-kernel counter: a launch record of what the registers hold
   empty           `return 0` (the floor: what running any program costs)
 
 The difference to `ours` is that part's cost. A variant is a text substitution of the program, for this
@@ -40,10 +42,15 @@ LAUNCH_BODY = """    struct oc_launch *e = events.ringbuf_reserve(sizeof(struct 
         e->h.flags |= OC_F_NESTED;
     events.ringbuf_submit(e, ring_wake_flags());"""
 
+NO_STACK_READ = ("    struct stack_args a = {};\n    bpf_probe_read_user(&a, sizeof(a), (void *)(PT_REGS_SP(ctx) + 8));",
+                 "    struct stack_args a = {};")
+NO_KERNEL_COUNT = ("    if (kernel)\n        kernel_count(pid, func, handle); /* nested too: it names the runtime launch above it */",
+                   "")
 VARIANTS = {
     "ours": [],
-    "no_stack_read": [("    struct stack_args a = {};\n    bpf_probe_read_user(&a, sizeof(a), (void *)(PT_REGS_SP(ctx) + 8));",
-                       "    struct stack_args a = {};")],
+    "no_stack_read": [NO_STACK_READ],
+    "no_kernel_count": [NO_KERNEL_COUNT],
+    "registers_only": [NO_STACK_READ, NO_KERNEL_COUNT],
     "no_ring_buffer": [(LAUNCH_BODY, "    (void)ts;")],
     "no_clock": [("    u64 ts = bpf_ktime_get_ns();\n    u8 nested = nested_now(tid);",
                   "    u64 ts = 0;\n    u8 nested = nested_now(tid);")],

@@ -82,7 +82,9 @@ class Driver:
     of this machine (whose sidecars and tests attach to testbed/build/libcuda.so.1) never fire in ours. A flat-out
     run interleaves the copies chunk by chunk (see testbed/bench_driver.c), so the variants share every drift."""
 
-    def __init__(self, variants=("none",), cpus: str = "1", env: dict | None = None):
+    def __init__(self, variants=("none",), cpus: str = "1", env: dict | None = None, lib: str | None = None):
+        """`lib`: call this copy of the library (the first variant's) instead of a private one: processes that
+        share one copy share its probes, as the processes of a node share its libcuda."""
         self.dir = tempfile.mkdtemp(prefix="otel-cuda-bench-")
         shutil.copy2(DRIVER, self.dir)
         self.variants = list(variants)
@@ -92,6 +94,8 @@ class Driver:
             os.makedirs(os.path.join(self.dir, v))
             self.libs[v] = os.path.join(self.dir, v, LIBCUDA.name)
             shutil.copy2(real or LIBCUDA, self.libs[v])
+        if lib:
+            self.libs[self.variants[0]] = lib
         full_env = {**os.environ, "FAKE_CUDA_SYNC_US": "0", **(env or {})}
         cmd = [os.path.join(self.dir, DRIVER.name), "--serve"] + (["--no-init"] if real else [])
         for v in self.variants:
@@ -182,11 +186,12 @@ class TracerProcess:
 class Tracer(TracerProcess):
     """bench/tracer.py in a process of its own (pinned to `cpus`): our probes on one copy, the sidecar consuming."""
 
-    def __init__(self, lib: str, pid: int, cpus: str = "0", archive: str | None = None,
+    def __init__(self, lib: str, pid: int | tuple[int, ...], cpus: str = "0", archive: str | None = None,
                  consumer: str = "auto", symbols: str | None = None, ringbuf_pages: int | None = None,
                  detached: bool = False, python: str | None = None):
         py = python or sys.executable
-        cmd = [py, str(Path(__file__).with_name("tracer.py")), "--lib", lib, "--pid", str(pid), "--consumer", consumer]
+        cmd = [py, str(Path(__file__).with_name("tracer.py")), "--lib", lib, "--pid",
+               ",".join(map(str, (pid,) if isinstance(pid, int) else pid)), "--consumer", consumer]
         if archive:
             cmd += ["--archive", archive]
         if symbols:
@@ -369,28 +374,27 @@ def have_otel() -> bool:
     return True
 
 
-class OneProcess:
-    """A /proc double that shows the sidecar's discovery one process, with no library: discovery selects it in
-    the kernel (targets map) and the benchmark attaches exactly the probes a variant measures."""
+class Processes:
+    """A /proc double that shows the sidecar's discovery the benchmark's processes, with no library: discovery
+    selects them in the kernel (targets map) and the benchmark attaches exactly the probes a variant measures."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pids: tuple[int, ...]):
         from otel_cuda.discovery import ProcInfo
 
-        self.info_ = ProcInfo(pid, f"bench_driver {pid}", (), 1, ())
-        self.pid = pid
+        self.infos = {pid: ProcInfo(pid, f"bench_driver {pid}", (), 1, ()) for pid in pids}
 
     def pids(self):
-        return [self.pid]
+        return list(self.infos)
 
     def info(self, pid, library=None):
-        return self.info_ if pid == self.pid else None
+        return self.infos.get(pid)
 
 
-def sidecar_settings(pid: int, archive_dir: str | None):
+def sidecar_settings(pids: tuple[int, ...], archive_dir: str | None):
     from otel_cuda import config as cfg
 
     args = argparse.Namespace(**{o.name: None for o in cfg.OPTIONS})
-    values = dict(pid=(pid,), metrics_address="off", health_address="off", receiver_grpc="off", receiver_http="off",
+    values = dict(pid=tuple(pids), metrics_address="off", health_address="off", receiver_grpc="off", receiver_http="off",
                   detach_grace=3600.0, discovery_interval=0.2)
     if archive_dir:
         values["archive"] = archive_dir
@@ -406,11 +410,11 @@ class InProcessSidecar:
     metric reader, archive to a directory when asked), or, without opentelemetry, pipeline.build() with the null
     observer. run() in a thread consumes the ring buffer exactly as the real sidecar's main loop does."""
 
-    def __init__(self, probes, pid: int, archive_dir: str | None = None, full: bool = True):
+    def __init__(self, probes, pids: int | tuple[int, ...], archive_dir: str | None = None, full: bool = True):
         self.probes = probes
-        self.pid = pid
-        settings = sidecar_settings(pid, archive_dir)
-        procfs = OneProcess(pid)
+        self.pids = (pids,) if isinstance(pids, int) else tuple(pids)
+        settings = sidecar_settings(self.pids, archive_dir)
+        procfs = Processes(self.pids)
         self.full = full and have_otel()
         self.why_not_full = "" if self.full else "opentelemetry is not installed"
         if self.full:
@@ -456,7 +460,7 @@ class InProcessSidecar:
         self.thread.start()
         self.pipeline.ready.wait(10)
         deadline = time.monotonic() + 5
-        while self.pid not in self.pipeline.discovery.tracked and time.monotonic() < deadline:
+        while not set(self.pids) <= set(self.pipeline.discovery.tracked) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def stop(self) -> dict:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from otel_cuda import events as E  # noqa: E402
 from otel_cuda.probes import BY_SYMBOL  # noqa: E402
+from otel_cuda.ringbuf import MemoryRing, frame  # noqa: E402
 
 PID = 4242
 
@@ -62,21 +63,26 @@ def records(n_events: int, launches: int) -> list[bytes]:
     return out[:n_events]
 
 
-class SyntheticProbes:
-    """The kernel side: the records above as ring-buffer batches; empty kernel maps."""
+class SyntheticProbes(MemoryRing):
+    """The kernel side: the records above as ring-buffer reads; empty kernel maps."""
 
     attached_probes = 0
 
-    def __init__(self, batches: list[list[bytes]]):
+    def __init__(self, batches: list[bytes]):
         self._batches = batches
         self.done = threading.Event()
+        self.backlog = lambda: 0  # events queued for the archive thread
 
     def read_batch(self, timeout_ms):
+        # A producer no faster than the archive: the consumer drops archive lines rather than wait for the
+        # archive thread (the ring buffer would fill), so a source that never waits would measure drops.
+        while self.backlog() > 16384:
+            time.sleep(0.0005)
         if self._batches:
             return self._batches.pop(0)
         self.done.set()
         time.sleep(timeout_ms / 1000)
-        return []
+        return b""
 
     def select(self, pid): pass
     def deselect(self, pid): pass
@@ -117,13 +123,14 @@ def run(args) -> dict:
     from otel_cuda.sidecar import start
 
     recs = records(args.events, args.launches)
-    batches = [recs[i:i + args.batch] for i in range(0, len(recs), args.batch)]
+    batches = [frame(recs[i:i + args.batch]) for i in range(0, len(recs), args.batch)]  # as the kernel frames them
     archive = tempfile.mkdtemp(prefix="bench-consumer-") if args.archive == "on" else None
     settings = make_settings(match="nothing-matches-this", no_archive=archive is None,
                              **({"archive": archive} if archive else {}))
     probes = SyntheticProbes(batches)
     sidecar = start(settings, probes, procfs=NoProcesses(), env={}, span_processor=SpanProcessor(),
                     metric_readers=[InMemoryMetricReader()], self_metric_readers=[InMemoryMetricReader()])
+    probes.backlog = lambda: sidecar.pipeline._archive_backlog
     sidecar.pipeline.observer.on_process(__import__("otel_cuda.discovery", fromlist=["ProcInfo"]).ProcInfo(PID, "engine"))
     stop = threading.Event()
     profiler = cProfile.Profile() if args.profile else None
@@ -151,6 +158,7 @@ def run(args) -> dict:
            "cpu_s_per_100k_events": round((c1 - c0) / len(recs) * 1e5, 3),
            "events_per_s_per_core": round(len(recs) / (c1 - c0)),
            "processed": sum(summary["calls"].values()), "steps": summary["steps"], "archived": summary["archived"],
+           "dropped": summary["dropped_queue"],
            "named": summary["launches_named"], "unknown": summary["launches_unknown"]}
     if profiler:
         stats = pstats.Stats(profiler)

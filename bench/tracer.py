@@ -56,7 +56,8 @@ class Tracer:
         for tp in self.tracepoints:
             bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
         self.tracepoints = []
-        self.probes.select(self.args.pid)
+        for pid in self.args.pid:
+            self.probes.select(pid)
         self.missing = self.probes.attach_library(self.identity, self.args.lib, self.probe_set)
         self.attached = True
 
@@ -64,7 +65,8 @@ class Tracer:
         if not self.attached:
             return
         self.probes.detach_library(self.identity)
-        self.probes.deselect(self.args.pid)
+        for pid in self.args.pid:
+            self.probes.deselect(pid)
         bpf = self.probes._bpf
         self.tracepoints = list(bpf.tracepoint_fds)
         for tp in self.tracepoints:
@@ -83,8 +85,15 @@ class Tracer:
                 "named": p.names.launches_named, "unknown": p.names.launches_unknown,
                 "unknown_by_function": {BY_ID[f].symbol: n for f, n in p.names.unknown_by_func.items()},
                 "records": self.sc.records(),
+                "calls_by_pid": self.calls_by_pid(),
                 "batches": p.reader.counters.batches, "bpf": bpf, "attached": self.attached,
                 "missing": self.missing, "t": time.monotonic()}
+
+    def calls_by_pid(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for (pid, _), n in list(self.sc.pipeline.totals.by_pid.items()):
+            out[pid] = out.get(pid, 0) + n
+        return out
 
     def settle(self, quiet_s: float = 0.3, timeout: float = 30.0) -> None:
         """Return once the CUDA calls processed have not changed for quiet_s and the archive has no backlog.
@@ -105,7 +114,8 @@ class Tracer:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
-    ap.add_argument("--pid", type=int, required=True)
+    ap.add_argument("--pid", required=True, type=lambda v: tuple(int(p) for p in v.split(",")),
+                    help="the traced process, or several: PID,PID,...")
     ap.add_argument("--archive")
     ap.add_argument("--consumer", choices=("auto", "sidecar", "pipeline"), default="auto")
     ap.add_argument("--symbols", default=DEFAULT_SYMBOLS)

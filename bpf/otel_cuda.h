@@ -140,7 +140,9 @@ struct oc_launch {
     __u64 stream;
     __u32 grid[3];
     __u32 block[3];
+    __u64 _pad1; /* as long as oc_call: the consumer reads runs of both as one array (otel_cuda/source.py) */
 };
+_Static_assert(sizeof(struct oc_launch) == sizeof(struct oc_call), "launch and call records must be one size");
 
 struct oc_name {
     struct oc_header h;

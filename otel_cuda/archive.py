@@ -212,7 +212,7 @@ class Archive:
         self._batch_limit = min(_BATCH_BYTES, max(1, config.rotate_bytes // 8))
         self._closing = False
         # the open file
-        self._buf: list[bytes] = []
+        self._buf: list[bytes] = []  # chunks of whole lines, written to the file in batches
         self._buf_bytes = 0
         self._sink = None
         self._part = self._rel = None
@@ -255,18 +255,18 @@ class Archive:
 
     def write(self, record: dict) -> None:
         """Appends one record as a JSON line. Not yet durable: see flush() and the flush_seconds guarantee."""
-        self.write_lines([_encode(record) + "\n"])
+        self.write_text(_encode(record) + "\n", 1)
 
-    def write_lines(self, lines: list[str]) -> None:
-        """Appends preformatted JSON lines (each ending in a newline) under one lock: the pipeline's batch path."""
-        data = [line.encode() for line in lines]
+    def write_text(self, text: str, lines: int) -> None:
+        """Appends `lines` preformatted JSON lines given as one string, under one lock: the pipeline's batch path."""
+        data = text.encode()
         with self._lock:
             if self._sink is None and not self._open_locked():
                 return
-            self._buf.extend(data)
-            self._buf_bytes += sum(map(len, data))
-            self._file_lines += len(data)
-            self._stats["lines_written"] += len(data)
+            self._buf.append(data)
+            self._buf_bytes += len(data)
+            self._file_lines += lines
+            self._stats["lines_written"] += lines
             if self._buf_bytes >= self._batch_limit:
                 try:
                     self._drain_locked()
@@ -412,7 +412,7 @@ class Archive:
     def _write_failed_locked(self, e: OSError) -> None:
         """Disk full or I/O error: the lines not yet in the file are dropped (counted) and the file is given up:
         closed if it still can be, else left as .part for the next start to recover."""
-        lost = len(self._buf)
+        lost = sum(chunk.count(b"\n") for chunk in self._buf)  # chunks of lines
         self._buf.clear()
         self._buf_bytes = 0
         self._stats["lines_dropped_write_error"] += lost

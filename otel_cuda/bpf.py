@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
+import mmap
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from . import events
 from .probes import Probe, bpf_cflags
+from .ringbuf import MappedRing
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,7 @@ class Probes:
         self._attached: dict[tuple[int, int], list[tuple[str, str, bool]]] = {}  # inode -> (path, sym, ret)
         self._fds: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
-        self._ring_open = False
-        self._batch: list[bytes] = []
+        self._ring: MappedRing | None = None
         self._deselected_launches: dict[int, list[int]] = {}  # pid -> launch counts it had when deselected
 
     # -- attaching ------------------------------------------------------------------------------------
@@ -202,23 +203,20 @@ class Probes:
         self._deselected_launches[pid] = list(target.launches)
 
     # -- ring buffer ------------------------------------------------------------------------------------
-    def read_batch(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to timeout_ms for records; return the raw bytes of every record available."""
-        if not self._ring_open:
-
-            def on_record(_ctx, data, size):
-                self._batch.append(ct.string_at(data, size))
-                return 0
-
-            self._on_record = on_record  # BCC keeps only a weak hold on the callback
-            self._bpf["events"].open_ring_buffer(on_record)
-            self._ring_open = True
+    def read_batch(self, timeout_ms: int) -> bytes:
+        """Wait up to timeout_ms for records; return every record available, framed as the kernel frames them
+        (ringbuf.py). release() says how much of it was parsed."""
+        if self._ring is None:
+            self._ring = MappedRing(self._bpf["events"].map_fd, self.config.ringbuf_pages * mmap.PAGESIZE)
         # Returns early when the kernel woke us (RINGBUF_WAKE_EVERY records on a CPU); the records submitted without
-        # a wakeup are read by the consume that follows, so none waits longer than timeout_ms.
-        self._bpf.ring_buffer_poll(timeout_ms)
-        self._bpf.ring_buffer_consume()
-        batch, self._batch = self._batch, []
-        return batch
+        # a wakeup are read at the timeout, so none waits longer than timeout_ms.
+        return self._ring.read(timeout_ms)
+
+    def settled(self, chunk: bytes, nbytes: int) -> bytes:
+        return self._ring.settled(chunk, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        self._ring.release(nbytes)
 
     # -- aggregates -------------------------------------------------------------------------------------
     def skipped_runs(self) -> int:

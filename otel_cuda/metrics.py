@@ -287,6 +287,15 @@ class CudaMetrics:
                     if p is not None:
                         self._errors[(ev.pid, p.symbol, probes.result_name(ev.result))] += 1
 
+    def on_launches(self, run) -> None:
+        """on_events for a run of plain launches (LaunchRun): only launch counts, and only without the kernel's
+        per-kernel counts (a plain launch has no result)."""
+        if self._kernel_launches is not None:
+            return
+        with self._lock:
+            for (pid, _tid, func, _handle), n in run.groups.items():
+                self.launches.topk.add((pid, probes.LAUNCH_TYPE[func], run.kernels[(pid, _tid, func, _handle)]), n)
+
     def on_step(self, step: Step) -> None:
         self._step.record(step.duration_ns / 1e9, {"process.pid": step.pid})
 

@@ -96,18 +96,20 @@ class KernelNames:
         """The launched kernel's name, `unknown`, or None for a graph launch (it runs many kernels)."""
         if ev.type != EV_LAUNCH or ev.func == _GRAPH_LAUNCH:
             return None
-        name = self._names.get(ev.pid, {}).get(ev.args[0])
+        return self.name_of_launches(ev.pid, ev.func, ev.args[0])
+
+    def name_of_launches(self, pid: int, func: int, handle: int, n: int = 1) -> str:
+        """The name of n kernel launches of one handle (a launch run's group, source.py), counted n times."""
+        name = self._names.get(pid, {}).get(handle)
         if name is None:
-            name = self.late.resolve(ev.pid, ev.args[0])
-            if name is not None:
-                self.launches_named += 1
-                self.launches_named_late += 1
-                return name
-            self.launches_unknown += 1
-            self.unknown_by_pid[ev.pid] += 1
-            self.unknown_by_func[ev.func] += 1
-            return UNKNOWN
-        self.launches_named += 1
+            name = self.late.resolve(pid, handle)
+            if name is None:
+                self.launches_unknown += n
+                self.unknown_by_pid[pid] += n
+                self.unknown_by_func[func] += n
+                return UNKNOWN
+            self.launches_named_late += n
+        self.launches_named += n
         return name
 
     def lookup(self, pid: int, handle: int) -> str | None:

@@ -1,8 +1,11 @@
 """build(): wires the stages with named queues; Pipeline.run(stop) runs them until stop is set.
 
-    ring buffer ─▶ RingReader ─▶ on_events: names ─▶ steps ─▶ events_to_archive ─▶ archive
-                                             │         └──▶ steps_to_spans ─▶ spans / join
-                                             └──▶ metrics (per-event instruments; the rest from kernel maps)
+    ring buffer ─▶ RingReader ─▶ on_events / on_launches: names ─▶ steps ─▶ events_to_archive ─▶ archive
+                                                          │         └──▶ steps_to_spans ─▶ spans / join
+                                                          └──▶ metrics (per-event instruments; the rest from maps)
+
+Most events are kernel launches probed at entry; the reader hands a run of them over as one array, and
+on_launches does for the run, per (pid, thread, function, handle) group, what on_events does per event.
     discovery ─▶ select / attach / detach in the kernel
 
 A disabled stage is a pass-through object with the same interface (NullArchive, NullTelemetry), not an `if`.
@@ -10,6 +13,7 @@ A disabled stage is a pass-through object with the same interface (NullArchive, 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -22,9 +26,9 @@ from . import events as ev_mod
 from . import probes as probe_table
 from .clock import MonotonicToEpoch
 from .discovery import LIBCUDA, LIBCUDA_OR_RUNTIME, LIBCUDART, Discovery, Library, ProcInfo
-from .events import Event
+from .events import Event, LaunchRun
 from .names import UNKNOWN, KernelNames
-from .records import launch_line, record_line, symbol, to_record
+from .records import launch_line, launch_run_text, record_line, symbol, to_record
 from .source import RingReader
 from .steps import Step, StepTracker
 from .system import sys_record
@@ -43,6 +47,7 @@ class Observer(Protocol):
     """What the telemetry stage takes from the pipeline (metrics, spans, join)."""
 
     def on_events(self, batch: list[tuple[Event, str | None, int | None]]) -> None: ...
+    def on_launches(self, run: LaunchRun) -> None: ...
     def on_step(self, step: Step) -> None: ...
     def on_outlier(self, ev: Event, kernel: str | None) -> None: ...
     def on_process(self, info: ProcInfo) -> None: ...
@@ -66,6 +71,9 @@ class NullArchive:
 
 class NullObserver:
     def on_events(self, batch):
+        pass
+
+    def on_launches(self, run):
         pass
 
     def on_step(self, step):
@@ -241,25 +249,49 @@ class Pipeline:
             self._to_archive((offset, annotated), len(annotated))
         self.observer.on_events(annotated)
 
+    def on_launches(self, rows) -> None:
+        """on_events for a run of plain launches (source.py): the same names, steps, counts, archive lines and
+        observations, worked out once per (pid, thread, function, handle) group instead of once per launch."""
+        run = LaunchRun(rows)
+        offset = self.clock.offset()
+        groups = run.groups = Counter(run.keys)
+        names, calls, by_pid = self.names, self.totals.calls, self.totals.by_pid
+        per_thread: dict[tuple[int, int], list] = {}  # (pid, tid) -> [(kernel, launches)]
+        for key, n in groups.items():
+            pid, tid, func, handle = key
+            kernel = run.kernels[key] = names.name_of_launches(pid, func, handle, n)
+            per_thread.setdefault((pid, tid), []).append((kernel, n))
+            func_name = probe_table.BY_ID[func].symbol
+            calls[func_name] += n
+            by_pid[(pid, func_name)] += n
+        ts = run.rows["ts"]
+        for (pid, tid), kernels in per_thread.items():
+            mine = ts if len(per_thread) == 1 else ts[run.rows["tid"] == tid]
+            n = sum(k for _, k in kernels)
+            run.steps[tid] = self.steps.launches(pid, tid, int(mine[0]), int(mine[-1]), int(mine.max()), n, kernels)
+        if self._archiving:
+            self._to_archive((offset, run), len(run))
+        self.observer.on_launches(run)
+
     def on_step(self, step: Step) -> None:
         self.totals.steps += 1
         self.observer.on_step(step)
 
     # -- threads ----------------------------------------------------------------------------------------
     def _archive_loop(self) -> None:
-        write_lines = getattr(self.archive, "write_lines", None)
+        write_text = getattr(self.archive, "write_text", None)
         while True:
             item = self.events_to_archive.get()
             if item is None:  # close(): everything queued before it has been written
                 return
-            n = 1 if isinstance(item, dict) else len(item[1])
+            n = 1 if isinstance(item, dict) else len(item[1])  # a record, or (offset, events or a LaunchRun)
             with self._backlog_lock:
                 self._archive_backlog -= n
             try:
                 if isinstance(item, dict):  # a record of another stage (the join's request records)
                     self.archive.write(item)
-                elif write_lines is not None:
-                    write_lines(self._lines(*item))
+                elif write_text is not None:
+                    write_text("".join(self._lines(*item)), n)
                 else:
                     for rec in self._records(*item):
                         self.archive.write(rec)
@@ -277,12 +309,17 @@ class Pipeline:
         self.events_to_archive.put_nowait(item)
 
     @staticmethod
-    def _records(offset: int, annotated: list):
+    def _records(offset: int, annotated):
+        if isinstance(annotated, LaunchRun):
+            yield from map(json.loads, launch_run_text(offset, annotated).splitlines())
+            return
         for ev, kernel, step in annotated:
             yield sys_record(ev, offset) if ev.type == ev_mod.EV_SYS else to_record(ev, offset, kernel, step)
 
     @staticmethod
-    def _lines(offset: int, annotated: list) -> list[str]:
+    def _lines(offset: int, annotated) -> list[str]:
+        if isinstance(annotated, LaunchRun):
+            return [launch_run_text(offset, annotated)]
         out = []
         for ev, kernel, step in annotated:
             line = launch_line(ev, offset, kernel, step)
@@ -365,7 +402,8 @@ def build(config, probes, procfs, archive: ArchiveSink | None = None, observer: 
                  attach_set=(probe_table.DRIVER_PROBES, probe_table.RUNTIME_PROBES))
     p.names = KernelNames()
     p.steps = StepTracker(config.steps, on_step=p.on_step, on_outlier=p.observer.on_outlier)
-    p.reader = RingReader(probes.read_batch, ev_mod.decode, deliver=p.on_events)
+    p.reader = RingReader(probes.read_batch, probes.settled, probes.release, ev_mod.decode, deliver_events=p.on_events,
+                          deliver_launches=p.on_launches)
     p.discovery = Discovery(config.selector, procfs, on_select=p.on_select, on_exit=p.on_exit,
                             on_library=p.on_library, on_library_unused=p.on_library_unused,
                             library=LIBCUDA_OR_RUNTIME if config.runtime else LIBCUDA,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from . import probes
 from .demangle import readable
-from .events import EV_CALL, EV_LAUNCH, EV_NAME, LAYER_RUNTIME, Event
+from .events import EV_CALL, EV_LAUNCH, EV_NAME, LAYER_RUNTIME, Event, LaunchRun
 
 SCHEMA_VERSION = 1
 _HANDLE_ARGS = {"ptr", "dst", "src", "stream", "event", "handle", "context", "function", "kernel", "graph",
@@ -133,8 +135,8 @@ _MEMCPY_KIND_CODES = {"htod": 1, "dtoh": 2, "dtod": 3, "default": 4}  # cudaMemc
 # ---- the archive's hot path: launches (most events) formatted straight to a JSON line ----------------------------
 # Parsed, equal to to_record(...) (tests/unit/test_records.py: test_launch_line_is_the_record); about a fifth of the
 # CPU of building the dict and encoding it.
-_LAUNCH_HEAD = ('{"v":%d,"type":"%s","ts":%%d,"mono_ns":%%d,"pid":%%d,"tid":%%d,"func":"%s","phase":"entry",'
-                '"dur_ns":null,"result":null,"args":')
+_LAUNCH_TIMES = '{"v":%d,"type":"%s","ts":%%d,"mono_ns":%%d,'  # % (version, type); then % (ts, mono_ns)
+_LAUNCH_WHO = '"pid":%%d,"tid":%%d,"func":"%s","phase":"entry","dur_ns":null,"result":null,"args":'  # % symbol
 _LAUNCH_ARGS = '{"function":"0x%x","grid":[%d,%d,%d],"block":[%d,%d,%d],"shared_mem":%d,"stream":"0x%x"}'
 _GRAPH_ARGS = '{"graph":"0x%x","stream":"0x%x"}'
 _quoted_names: dict[str, str] = {}  # kernel name -> its JSON string (names repeat: escaped once)
@@ -142,14 +144,33 @@ _heads: dict[tuple[int, int], str] = {}
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def _head(func: int, layer: int) -> str:
+    head = _heads.get((func, layer))
+    if head is None:
+        head = _heads[(func, layer)] = (
+            _LAUNCH_TIMES % (SCHEMA_VERSION, "cuda_runtime" if layer == LAYER_RUNTIME else "cuda_api") + _who(func))
+    return head
+
+
+def _who(func: int) -> str:
+    p = probes.BY_ID.get(func)
+    return _LAUNCH_WHO % (p.symbol if p else f"func_{func}")
+
+
+def _quoted(kernel: str) -> str:
+    """A kernel's JSON value, with ,"kernel_demangled":... where the readable name differs; escaped once per name."""
+    q = _quoted_names.get(kernel)
+    if q is None:
+        q = _quoted_names[kernel] = json.dumps(kernel) + (
+            ',"kernel_demangled":' + json.dumps(readable(kernel)) if readable(kernel) != kernel else "")
+    return q
+
+
 def launch_line(ev: Event, epoch_offset_ns: int, kernel: str | None, step: int | None) -> str | None:
     """The archive line of an entry-only launch event; None for anything else (use record_line)."""
     if ev.type != EV_LAUNCH or ev.flags:
         return None
-    head = _heads.get((ev.func, ev.layer))
-    if head is None:
-        head = _heads[(ev.func, ev.layer)] = _LAUNCH_HEAD % (
-            SCHEMA_VERSION, "cuda_runtime" if ev.layer == LAYER_RUNTIME else "cuda_api", symbol(ev))
+    head = _head(ev.func, ev.layer)
     handle, stream, gx, gy, gz, bx, by, bz, shmem = ev.args
     if ev.func == _GRAPH_LAUNCH_ID:
         args = _GRAPH_ARGS % (handle, stream)
@@ -157,12 +178,28 @@ def launch_line(ev: Event, epoch_offset_ns: int, kernel: str | None, step: int |
         args = _LAUNCH_ARGS % (handle, gx, gy, gz, bx, by, bz, shmem, stream)
     tail = ',"step":%s' % ("null" if step is None else step)
     if kernel is not None:
-        q = _quoted_names.get(kernel)
-        if q is None:  # once per kernel: the mangled name and, where it differs, the readable one
-            q = _quoted_names[kernel] = json.dumps(kernel) + (
-                ',"kernel_demangled":' + json.dumps(readable(kernel)) if readable(kernel) != kernel else "")
-        tail += ',"kernel":' + q
+        tail += ',"kernel":' + _quoted(kernel)
     return (head % (ev.ts_ns + epoch_offset_ns, ev.ts_ns, ev.pid, ev.tid)) + args + tail + "}\n"
+
+
+def launch_run_text(epoch_offset_ns: int, run: LaunchRun) -> str:
+    """The archive lines of a run of plain launches (source.py), equal to launch_line() of each. Launches of one
+    kernel from one thread mostly repeat everything but their time: everything after "mono_ns" is formatted once
+    per distinct (function, pid, tid, arguments) and each line is its two times and that text."""
+    rows = run.rows
+    raw = rows.view(np.uint8).reshape(len(rows), rows.itemsize)
+    static = np.ascontiguousarray(raw[:, _STATIC_BYTES]).view(f"V{_STATIC_BYTES.size}").ravel()
+    _, first, inverse = np.unique(static, return_index=True, return_inverse=True)
+    tails = np.empty(len(first), dtype=object)
+    for shape, i in enumerate(first.tolist()):
+        pid, tid, func, handle = key = run.keys[i]
+        r = rows[i]
+        tails[shape] = _who(func) % (pid, tid) + _LAUNCH_ARGS % (
+            handle, r["gx"], r["gy"], r["gz"], r["bx"], r["by"], r["bz"], r["shmem"], r["stream"]) + (
+            ',"step":%d,"kernel":%s}\n' % (run.steps[tid], _quoted(run.kernels[key])))
+    ts = rows["ts"]
+    return "".join(map(_RUN_LINE.__mod__, zip((ts.astype(np.int64) + epoch_offset_ns).tolist(), ts.tolist(),
+                                              tails[inverse].tolist())))
 
 
 def record_line(rec: dict) -> str:
@@ -171,3 +208,7 @@ def record_line(rec: dict) -> str:
 
 
 _GRAPH_LAUNCH_ID = probes.BY_SYMBOL["cuGraphLaunch"].func_id
+# launch_run_text: a plain launch line is these two times, then text that only its static bytes decide (the record
+# from its function to its block, less its time stamp: offsets within events.FRAMED_LAUNCH rows)
+_RUN_LINE = _LAUNCH_TIMES % (SCHEMA_VERSION, "cuda_api") + "%s"
+_STATIC_BYTES = np.r_[12:24, 32:88]

@@ -124,7 +124,7 @@ class StepTracker:
         if ev.nested:  # the runtime call above it is the one that counts
             return self._account(step, ev, kernel)
         if step is None and func in _LAUNCH and (ev.type == EV_LAUNCH or ev.type == EV_CALL):
-            step = self._start(ev)
+            step = self._start(ev.pid, tid, ev.ts_ns)
         end = ev.ts_ns + ev.dur_ns
         self._last_ns[tid] = end
         if not ev.has_return or ev.type != EV_CALL:
@@ -182,20 +182,27 @@ class StepTracker:
     def _launch(self, ev: Event, kernel: str | None) -> int:
         """process() for the hot event, a kernel launch probed at entry only: no duration, no bytes, never an
         outlier (a third of the consumer's time per launch went to those checks)."""
-        step = self._open.get(ev.tid) or self._start(ev)
-        self._last_ns[ev.tid] = ev.ts_ns
-        step.calls += 1
-        if ev.ts_ns > step.end_ns:
-            step.end_ns = ev.ts_ns
-        step.launches += 1
-        if kernel is not None:
-            step.kernels[kernel] = step.kernels.get(kernel, 0) + 1
+        ts = ev.ts_ns
+        return self.launches(ev.pid, ev.tid, ts, ts, ts, 1, ((kernel, 1),) if kernel is not None else ())
+
+    def launches(self, pid: int, tid: int, first_ns: int, last_ns: int, max_ns: int, n: int, kernels) -> int:
+        """n entry-only launches of one thread in a row (first, last and latest stamps; (kernel, launches)
+        pairs): the same as n _launch() calls. Returns the id of the thread's step."""
+        step = self._open.get(tid) or self._start(pid, tid, first_ns)
+        self._last_ns[tid] = last_ns
+        step.calls += n
+        if max_ns > step.end_ns:
+            step.end_ns = max_ns
+        step.launches += n
+        counts = step.kernels
+        for kernel, k in kernels:
+            counts[kernel] = counts.get(kernel, 0) + k
         return step.id
 
     # -- boundaries ---------------------------------------------------------------------------------------
-    def _start(self, ev: Event) -> Step:
+    def _start(self, pid: int, tid: int, ts_ns: int) -> Step:
         """A launch on a thread with no open step opens one."""
-        step = self._open[ev.tid] = Step(self._next_id, ev.pid, ev.tid, ev.ts_ns)
+        step = self._open[tid] = Step(self._next_id, pid, tid, ts_ns)
         self._next_id += 1
         return step
 

@@ -212,10 +212,7 @@ class SystemView:
                 elif ev.ts_ns < w.start_ns:  # seen before it was announced (a traced parent's child)
                     w.start_ns = ev.ts_ns
                 if t == EV_LAUNCH or (t == EV_CALL and ev.func in _RUNTIME_LAUNCH):
-                    if w.end_ns is None or ev.ts_ns < w.end_ns:
-                        if w.end_ns is None:
-                            w.close_after = self._now() + self.settle_s
-                        w.end_ns, w.ended_by = ev.ts_ns, "first_launch"
+                    self._launched(w, ev.ts_ns)
                 elif t == EV_SYS:
                     self._add_sys(w, ev)
                 elif t == EV_CALL:
@@ -223,6 +220,30 @@ class SystemView:
                     if not ev.nested:
                         self._add_call(w, ev)
             self._close_due(self._now())
+
+    def on_launches(self, run) -> None:
+        """on_events for a run of plain launches (LaunchRun): a process's first launch ends its window."""
+        with self._lock:
+            pids = {key[0] for key in run.groups}
+            if not any(pid in self._open or pid not in self.windows for pid in pids):
+                return  # every window of these processes is closed (the usual case)
+            for pid, first_ns in run.first_ns_by_pid().items():
+                w = self._open.get(pid)
+                if w is None:
+                    if pid in self.windows:
+                        continue
+                    w = self._new_window(pid, first_ns, 0)
+                elif first_ns < w.start_ns:
+                    w.start_ns = first_ns
+                self._launched(w, first_ns)
+            self._close_due(self._now())
+
+    def _launched(self, w: Window, ts_ns: int) -> None:
+        """A launch ends the window at the process's first one; the window closes settle_s later."""
+        if w.end_ns is None or ts_ns < w.end_ns:
+            if w.end_ns is None:
+                w.close_after = self._now() + self.settle_s
+            w.end_ns, w.ended_by = ts_ns, "first_launch"
 
     @staticmethod
     def _note_thread(threads: dict, pid: int, tid: int) -> None:

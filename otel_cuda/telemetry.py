@@ -262,6 +262,10 @@ class Telemetry:
         self.metrics.on_events(batch)
         self.system.on_events(batch)
 
+    def on_launches(self, run) -> None:
+        self.metrics.on_launches(run)
+        self.system.on_launches(run)
+
     def on_idle(self, now_ns: int) -> None:
         """The pipeline has processed every event stamped before now_ns: joins waiting on it may proceed."""
         self._note_losses(now_ns)

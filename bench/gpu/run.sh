@@ -5,7 +5,8 @@
 #      launch handler's BPF time with one part taken out at a time (bench/ablate.py);
 #   2. eager and CUDA-graph decode traced/untraced inside one process, captured launches against an independent
 #      count, the share of named launches (bench/gpu/decode_bench.py);
-#   3. ingest capacity with the real libcuda's entry point as the producer (bench/ingest).
+#   3. ingest capacity with the real libcuda's entry point as the producer (bench/ingest);
+#   4. a launch storm: 8 processes x 2 threads on the real libcuda, one sidecar (bench/storm.py).
 # Results: $OUT (or bench/gpu/out/): cpu.json, gpu_results.json, ingest.json and a log each; tables printed last.
 #
 # On the GPU machine, from the repository root (prepare .gpu/ here first: bash ../shared/gpu/prepare-device.sh and
@@ -16,7 +17,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root" || exit 2
 py=${PYTHON:-python3}
 budget=540  # seconds for the three parts together (the device tool allows 600 a command)
-parts=percall,ablate,decode,ingest
+parts=percall,ablate,decode,ingest,storm
 while [ $# -gt 0 ]; do
     case $1 in
         --budget-s) budget=$2; shift 2 ;;
@@ -64,18 +65,24 @@ if want ablate; then
         || echo "ablate: exit $?"
 fi
 if want decode; then
-    reserve=0; want ingest && reserve=90  # seconds kept for the ingest part
+    reserve=0; want ingest && reserve=90; want storm && reserve=$((reserve + 40))  # kept for the later parts
     echo "== 2. decode pairs ($(left) s left)"
     "$py" bench/gpu/decode_bench.py --out "$out" --libcuda "$libcuda" \
         --deadline-s $(($(left) - reserve - 15)) "$@" >"$out/gpu.log" 2>&1 || echo "decode bench: exit $?"
 fi
 if want ingest; then
     echo "== 3. ingest ($(left) s left)"
-    timeout "$(($(left) > 30 ? $(left) - 5 : 25))" "$py" bench/ingest.py --no-seed --contended-calls 0 --seconds 2 \
-        --keep-going --rates 100000,200000,300000,0 --libcuda "$libcuda" --out "$out/ingest.json" \
+    after=5; want storm && after=45  # seconds kept for the storm
+    timeout "$(($(left) > after + 25 ? $(left) - after : 25))" "$py" bench/ingest.py --no-seed --contended-calls 0 --seconds 2 \
+        --keep-going --rates 100000,200000,300000,400000,0 --libcuda "$libcuda" --out "$out/ingest.json" \
         >"$out/ingest.log" 2>&1 || echo "ingest suite: exit $?"
 fi
+if want storm; then
+    echo "== 4. launch storm ($(left) s left)"
+    timeout "$(($(left) > 30 ? $(left) - 3 : 25))" "$py" bench/storm.py --processes 8 --threads 2 --calls 200000 \
+        --libcuda "$libcuda" --out "$out/storm.json" >"$out/storm.log" 2>&1 || echo "storm: exit $?"
+fi
 echo; echo "== tables"
-for part in cpu:14 ablate:6 gpu:16 ingest:30; do
+for part in cpu:14 ablate:8 gpu:16 ingest:30 storm:1; do
     f="$out/${part%%:*}.log"; [ -f "$f" ] && { tail -n "${part##*:}" "$f"; echo; }
 done

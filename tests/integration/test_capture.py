@@ -263,8 +263,8 @@ def histogram_counts(reader, name, key, pid):
 
 
 def test_metrics_stay_exact_when_the_ring_buffer_overflows(testbed):
-    """A ring buffer of 4 pages (16 KiB, ~180 launch records) and a workload that launches 2400 kernels between two
-    of the consumer's reads: most events are lost, every metric still equals the workload's own count, because
+    """A ring buffer of 4 pages (16 KiB, ~170 launch records) and a workload that launches 2400 kernels in bursts the
+    consumer cannot keep up with: hundreds of events are lost, every metric still equals the workload's own count, because
     each one is read from a kernel aggregate (launches per kernel from kernel_launches, durations from the kernel's
     log2 histograms)."""
     from otel_cuda.bpf import BpfConfig, Probes
@@ -277,7 +277,7 @@ def test_metrics_stay_exact_when_the_ring_buffer_overflows(testbed):
         time.sleep(0.3)
         summary = sidecar.stop()
         pid = truth["pid"]
-        assert summary["lost_ringbuf"] > 1000, summary["lost_ringbuf"]  # it did overflow
+        assert summary["lost_ringbuf"] > 100, summary["lost_ringbuf"]  # it did overflow
 
         calls = api_calls(sidecar.metrics, pid)
         assert dict(calls) == {f: n for f, n in truth["calls"].items() if n}

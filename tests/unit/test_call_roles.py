@@ -14,6 +14,7 @@ from otel_cuda import events, probes
 from otel_cuda.events import Event
 from otel_cuda.metrics import LOG2_BOUNDS_S, CudaMetrics, KernelLaunches
 from otel_cuda.records import from_record, moved_bytes, to_record
+from otel_cuda.ringbuf import MemoryRing
 from otel_cuda.steps import StepConfig, StepTracker
 
 F = {p.symbol: p.func_id for p in probes.PROBES}
@@ -301,9 +302,9 @@ def test_prometheus_sees_classic_buckets():
 
 # ---- the pipeline: a runtime launch's kernel, and names the probe could not read -----------------------------------
 
-class NoKernel:
+class NoKernel(MemoryRing):
     def read_batch(self, timeout_ms):
-        return []
+        return b""
 
     def lost(self):
         return 0

@@ -2,10 +2,12 @@
 
 import ctypes
 
+import numpy as np
 import pytest
 
 from otel_cuda import events, probes
 from otel_cuda.records import to_record
+from otel_cuda.ringbuf import frame
 from otel_cuda.source import RingReader
 
 
@@ -19,8 +21,9 @@ def call_bytes(func="cuMemcpyDtoHAsync_v2", result=0, dur=5300, args=(0x7F000000
     return bytes(c)
 
 
-def launch_bytes(handle=0x1000):
+def launch_bytes(handle=0x1000, flags=0):
     e = events.Launch()
+    e.h.flags = flags
     e.h.type, e.h.func, e.h.pid, e.h.tid, e.h.ts_ns = events.EV_LAUNCH, 1, 42, 43, 2000
     e.result, e.handle, e.stream, e.shared_mem = -1, handle, 5, 128
     e.grid[:] = [128, 1, 1]
@@ -66,11 +69,56 @@ def test_bad_records_raise_decode_error(bad):
         events.decode(bad)
 
 
-def test_reader_counts_bad_records_and_delivers_the_rest():
-    batches = [[call_bytes(), b"\x07junk", launch_bytes()], []]
+def reader_of(chunks, min_run=16):
     delivered = []
-    reader = RingReader(lambda timeout: batches.pop(0) if batches else [], events.decode, delivered.extend)
+    reader = RingReader(lambda timeout: chunks.pop(0) if chunks else b"", lambda chunk, n: chunk,
+                        lambda n: released.append(n),
+                        events.decode, delivered.extend, lambda run: delivered.append(run), min_run=min_run)
+    released: list[int] = []
+    return reader, delivered, released
+
+
+def test_reader_counts_bad_records_and_delivers_the_rest():
+    reader, delivered, released = reader_of([frame([call_bytes(), b"\x07junk", launch_bytes()])])
     assert reader.pump(0) == 3
     assert [e.type for e in delivered] == [events.EV_CALL, events.EV_LAUNCH]
     assert reader.counters.decode_errors == 1 and reader.counters.records == 3
+    assert released == [96 + 16 + 96]  # the 5-byte junk record takes 16: all parsed
     reader.drain()  # empty batch ends the drain
+
+
+def test_reader_stops_at_a_record_not_yet_submitted_and_skips_discarded_ones():
+    busy = bytearray(frame([launch_bytes()]))
+    busy[3] |= 0x80  # BUSY: reserved, not yet submitted
+    discarded = bytearray(frame([call_bytes()]))
+    discarded[3] |= 0x40
+    reader, delivered, released = reader_of([bytes(discarded) + frame([call_bytes()]) + bytes(busy)])
+    assert reader.pump(0) == 1
+    assert [e.type for e in delivered] == [events.EV_CALL]
+    assert released == [2 * 96]  # the busy record is read again next time
+
+
+def test_reader_hands_runs_of_plain_launches_over_as_arrays_in_order():
+    plain = [launch_bytes() for _ in range(20)]
+    recs = [call_bytes()] + plain + [launch_bytes(flags=events.F_RETURN)] + plain[:3] + [name_bytes()] + plain
+    reader, delivered, released = reader_of([frame(recs)])
+    assert reader.pump(0) == len(recs)
+    kinds = [("run", len(d)) if isinstance(d, np.ndarray) else d.type for d in delivered]
+    # the three launches between the return-probed one and the name are too few for an array
+    assert kinds == [events.EV_CALL, ("run", 20), events.EV_LAUNCH, *[events.EV_LAUNCH] * 3, events.EV_NAME,
+                     ("run", 20)]
+    run = delivered[1]
+    assert run["pid"].tolist() == [ev.pid for ev in map(events.decode, plain)]
+    assert reader.counters.launch_runs == 2 and reader.counters.launches_in_runs == 40
+
+
+def test_records_submitted_while_being_copied_are_parsed_from_the_settled_copy():
+    """The first copy of a record can hold its header as submitted and its data from before (ringbuf.py): the reader
+    parses the copy the ring confirms, not the first."""
+    stale = frame([call_bytes(dur=1), launch_bytes()])
+    fresh = frame([call_bytes(dur=5300), launch_bytes()])
+    delivered = []
+    reader = RingReader(lambda timeout: stale, lambda chunk, n: fresh, lambda n: None, events.decode,
+                        delivered.extend, delivered.append)
+    assert reader.pump(0) == 2
+    assert [e.dur_ns for e in delivered] == [5300, 0]

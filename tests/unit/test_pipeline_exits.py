@@ -8,6 +8,7 @@ from otel_cuda import events as E
 from otel_cuda.discovery import ProcInfo
 from otel_cuda.pipeline import build
 from otel_cuda.probes import BY_SYMBOL
+from otel_cuda.ringbuf import MemoryRing, frame
 
 from support.harness import settings
 
@@ -28,7 +29,7 @@ class FakeProcFS:
         return self.running.get(pid)
 
 
-class HeldRing:
+class HeldRing(MemoryRing):
     """The kernel side: records the consumer reads only while the ring is not held."""
 
     def __init__(self):
@@ -39,9 +40,9 @@ class HeldRing:
     def read_batch(self, timeout_ms):
         time.sleep(timeout_ms / 1000 if self.held or not self.records else 0)
         if self.held:
-            return []
+            return b""
         out, self.records = self.records, []
-        return out
+        return frame(out)
 
     def select(self, pid):
         pass

@@ -31,20 +31,21 @@ class Tracers:
     def __init__(self, processor: SpanProcessor, resource_for: Callable[[int], Resource]):
         self._processor = processor
         self._resource_for = resource_for
-        self._providers: dict[int, TracerProvider] = {}
+        self._tracers: dict[int, trace.Tracer] = {}  # one per process: get_tracer() builds a new one each call
         self._lock = threading.Lock()
 
     def tracer(self, pid: int) -> trace.Tracer:
         with self._lock:
-            provider = self._providers.get(pid)
-            if provider is None:
-                provider = self._providers[pid] = TracerProvider(resource=self._resource_for(pid))
+            tracer = self._tracers.get(pid)
+            if tracer is None:
+                provider = TracerProvider(resource=self._resource_for(pid))
                 provider.add_span_processor(self._processor)
-            return provider.get_tracer(SCOPE)
+                tracer = self._tracers[pid] = provider.get_tracer(SCOPE)
+            return tracer
 
     def forget(self, pid: int) -> None:
         with self._lock:
-            self._providers.pop(pid, None)
+            self._tracers.pop(pid, None)
 
     def shutdown(self) -> None:
         self._processor.force_flush()

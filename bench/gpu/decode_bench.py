@@ -63,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--graph-steps", type=int, default=800, help="graph replays per phase")
     ap.add_argument("--graph-max-len", type=int, default=2048, help="static KV cache length")
     ap.add_argument("--no-archive", action="store_true", help="the tracers run without the archive")
+    ap.add_argument("--floor", action="store_true",
+                    help="a third phase per pair: empty BPF programs on the functions ours probes (what any uprobe "
+                         "tracer of these calls costs the workload)")
     ap.add_argument("--skip", default="", help="comma-separated: eager,graph,count")
     ap.add_argument("--tracer-cpus", default="",
                     help="pin the tracer to these CPUs (e.g. 8,9) and this process to the others: whether the "
@@ -170,6 +173,9 @@ class Run:
         self.res.setdefault("tracers", {})["ours"] = {"kind": self.tracers["ours"].kind,
                                                       "start_s": round(time.monotonic() - t0, 2)}
         self.res["consumer"] = self.tracers["ours"].kind
+        if self.args.floor:
+            self.tracers["floor"] = FloorTracer(self.lib)
+            self.res["tracers"]["floor"] = {"kind": self.tracers["floor"].kind}
 
     def attach(self, names) -> None:
         for n, t in self.tracers.items():
@@ -325,7 +331,7 @@ class Run:
         (the tracer attaching or detaching) one whole phase runs unmeasured: the first phase after a switch ran at
         a fraction of the speed of the next ones in the first GPU runs, traced or not (its tokens/s are kept as
         `first_tokens_per_s`)."""
-        modes = [None, "ours"] if "ours" in self.tracers else [None]
+        modes = [None] + [m for m in ("ours", "floor") if m in self.tracers]
         rows = []
         t_start = time.monotonic()
         for i in range(self.args.pairs):
@@ -491,6 +497,40 @@ def fmt(x, f="{:.3f}"):
     return "n/a" if x is None else f.format(x)
 
 
+class FloorTracer:
+    """Empty BPF programs (bl.EmptyProbes) on the functions ours probes, entry and, where ours has one, return: the
+    tracer interface of bl.Tracer that pairs() uses, with nothing to count."""
+
+    kind = "empty programs on ours's probe set"
+
+    def __init__(self, lib: str):
+        from otel_cuda.probes import DRIVER_PROBES
+
+        self.lib, self.probes = lib, DRIVER_PROBES
+        self.empty = bl.EmptyProbes()
+
+    def attach(self) -> dict:
+        t0, missing = time.monotonic(), []
+        for p in self.probes:
+            try:
+                self.empty.attach(self.lib, p.symbol, returns=not p.entry_only)
+            except Exception:  # noqa: BLE001 - optional symbols this libcuda lacks, as ours skips them
+                missing.append(p.symbol)
+        return {"s": time.monotonic() - t0, "missing": missing}
+
+    def detach(self) -> dict:
+        t0 = time.monotonic()
+        self.empty.detach()
+        return {"s": time.monotonic() - t0}
+
+    def settle(self) -> dict:
+        return {"calls": {}, "named": 0, "unknown": 0, "lost": 0, "dropped": 0, "cpu_s": 0.0, "t": time.monotonic()}
+
+    def close(self) -> dict:
+        self.empty.close()
+        return {}
+
+
 def table(res: dict) -> str:
     lines = [f"otel-cuda GPU benchmark — {res.get('gpu', 'no GPU')}, {res.get('libcuda', '?')}",
              f"consumer: {res.get('consumer')}; started {res.get('started')}", ""]
@@ -504,6 +544,10 @@ def table(res: dict) -> str:
                          f"{fmt(r['ours_ratio_median'])} (median of {len(r['ours_ratios'])} pairs; goal >= "
                          f"{goal}), named {fmt(r['ours_named_share'])}, lost {r['ours_lost']}, sidecar CPU "
                          f"{fmt(r['ours_sidecar_cpu_share'], '{:.2f}')} cores")
+        if "floor_ratio_median" in r:
+            lines.append(f"  empty probes on the same functions {fmt(r['floor_tokens_per_s_median'], '{:.0f}')} tok/s, "
+                         f"traced/untraced {fmt(r['floor_ratio_median'])} (the uprobe floor; ours/floor "
+                         f"{fmt(statistics.median(o / f for o, f in zip(r['ours_ratios'], r['floor_ratios'])))})")
     ce, cg = res.get("count_eager"), res.get("count_graph")
     if ce:
         lines.append(f"eager launches: captured {ce['captured_launches']} vs profiler kernels {ce['profiler_kernels']} "

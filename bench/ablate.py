@@ -71,13 +71,12 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n", type=int, default=20000, help="launches per variant per round")
-    ap.add_argument("--libcuda", help="copies of this library (the real libcuda), called uninitialised")
+    bl.add_libcuda_option(ap)
     ap.add_argument("--workload-cpu", default="1")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    if args.libcuda:
-        os.environ[bl.REAL_LIBCUDA_ENV] = os.path.realpath(args.libcuda)
+    bl.use_libcuda(args.libcuda)
     return args
 
 

@@ -35,6 +35,17 @@ REAL_LIBCUDA_ENV = "BENCH_LIBCUDA"
 SYMBOL = {"launch": "cuLaunchKernel", "sync": "cuStreamSynchronize", "htod": "cuMemcpyHtoD_v2"}
 
 
+def add_libcuda_option(ap) -> None:
+    ap.add_argument("--libcuda", help="copies of this library (the real libcuda on the GPU machine), called "
+                    "uninitialised, instead of the fake driver")
+
+
+def use_libcuda(path: str | None) -> None:
+    """Drivers started from now on call copies of `path` (bench_driver --no-init) instead of the fake driver."""
+    if path:
+        os.environ[REAL_LIBCUDA_ENV] = os.path.realpath(path)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

@@ -54,13 +54,11 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
     ap.add_argument("--tracer-cpu", default="0")
     ap.add_argument("--workload-cpu", default="1")
-    ap.add_argument("--libcuda", help="copies of this library (the real libcuda on the GPU machine), called "
-                    "uninitialised, instead of the fake driver")
+    bl.add_libcuda_option(ap)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    if args.libcuda:
-        os.environ[bl.REAL_LIBCUDA_ENV] = os.path.realpath(args.libcuda)
+    bl.use_libcuda(args.libcuda)
     if args.rates:
         args.rate_list = tuple(float(r) for r in args.rates.split(","))
     else:

@@ -58,13 +58,11 @@ def parse_args(argv=None):
                          "percentile chunk, the driver thread's CPU time, or the mean elapsed time")
     ap.add_argument("--tracer-cpu", default="0")
     ap.add_argument("--workload-cpu", default="1")
-    ap.add_argument("--libcuda", help="copies of this library (the real libcuda on the GPU machine), called "
-                    "uninitialised, instead of the fake driver")
+    bl.add_libcuda_option(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object (the figures) on stdout")
     ap.add_argument("--out", help="also write the JSON object to this file")
     args = ap.parse_args(argv)
-    if args.libcuda:
-        os.environ[bl.REAL_LIBCUDA_ENV] = os.path.realpath(args.libcuda)
+    bl.use_libcuda(args.libcuda)
     if args.quick:
         args.rounds = min(args.rounds, 3)
         args.n = min(args.n, 4000)

@@ -98,13 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=200_000, help="calls per process")
     ap.add_argument("--rate", type=float, default=0, help="calls/s per process (0: flat out)")
     ap.add_argument("--archive", choices=("on", "off"), default="on")
-    ap.add_argument("--libcuda", help="copies of this library (the real libcuda on the GPU machine), called "
-                    "uninitialised, instead of the fake driver")
+    bl.add_libcuda_option(ap)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    if args.libcuda:
-        os.environ[bl.REAL_LIBCUDA_ENV] = os.path.realpath(args.libcuda)
+    bl.use_libcuda(args.libcuda)
     t0 = time.monotonic()
     out = run(args)
     out["wall_total_s"] = round(time.monotonic() - t0, 1)

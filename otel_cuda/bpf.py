@@ -36,7 +36,9 @@ class BpfConfig:
     # the kernel wakes the consumer once per this many records a CPU submits (a power of two); below it the
     # consumer reads on its poll timeout (read_batch)
     ringbuf_wake_every: int = 256
-    runtime_layer: bool = True  # False: no runtime probes, so no nesting lookup per call
+    # True where runtime (libcudart) probes are attached: driver calls under them are marked nested, at the price of a
+    # lookup per call. False, as the sidecar's --runtime default: the benches measure what ships.
+    runtime_layer: bool = False
     # The entry->return stash in task-local storage (Linux >= 5.12; Probes falls back to the hash map where the
     # kernel refuses it): a timed call's handlers take 22 % less time than with a hash map (bench/RESULTS.md).
     thread_stash: bool = True

@@ -28,6 +28,6 @@ def probes(testbed):
     _need_root()
     from otel_cuda.bpf import BpfConfig, Probes
 
-    p = Probes(BpfConfig())
+    p = Probes(BpfConfig(runtime_layer=True))  # tests attach runtime probes on it too
     yield p
     p.close()

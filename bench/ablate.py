@@ -14,9 +14,11 @@ interleaved rounds; the kernel's run-time statistics (BPF_ENABLE_STATS) give eac
 
 The difference to `ours` is that part's cost. A variant is a text substitution of the program, for this
 measurement only; each substitution must match exactly once, so a change of the program that breaks one says so.
-Every variant's ring buffer is read between rounds, so no reserve fails for a full buffer.
+Every variant's ring buffer is read between rounds, so no reserve fails for a full buffer. --gap-bytes 2097152 has
+the driver write 2 MiB of cache lines between two launches: the handler then runs with cold caches, as it does
+between the ~15 us of framework code an inference server runs per launch, and each part costs what it costs there.
 
-    sudo .venv/bin/python bench/ablate.py [--rounds 5] [--n 20000] [--libcuda PATH] [--json]
+    sudo .venv/bin/python bench/ablate.py [--rounds 5] [--n 20000] [--gap-bytes 0] [--libcuda PATH] [--json]
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n", type=int, default=20000, help="launches per variant per round")
     bl.add_libcuda_option(ap)
+    ap.add_argument("--gap-bytes", type=int, default=0,
+                    help="bytes of cache lines the driver writes between two calls (0: a tight loop, the probes stay hot; "
+                         "2097152: they run with cold caches, as between an inference server's launches)")
     ap.add_argument("--workload-cpu", default="1")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")
@@ -88,7 +93,7 @@ def run(args) -> dict:
     config = bpf_mod.BpfConfig(runtime_layer=False)
     base = bpf_mod.program_text(config)
     bl.build_testbed()
-    driver = bl.Driver(tuple(VARIANTS), cpus=args.workload_cpu)
+    driver = bl.Driver(tuple(VARIANTS), cpus=args.workload_cpu, gap_bytes=args.gap_bytes)
     stats_fd = bl.enable_bpf_stats()
     programs = {}
     callbacks = []

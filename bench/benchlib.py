@@ -93,9 +93,11 @@ class Driver:
     of this machine (whose sidecars and tests attach to testbed/build/libcuda.so.1) never fire in ours. A flat-out
     run interleaves the copies chunk by chunk (see testbed/bench_driver.c), so the variants share every drift."""
 
-    def __init__(self, variants=("none",), cpus: str = "1", env: dict | None = None, lib: str | None = None):
+    def __init__(self, variants=("none",), cpus: str = "1", env: dict | None = None, lib: str | None = None,
+                 gap_bytes: int = 0):
         """`lib`: call this copy of the library (the first variant's) instead of a private one: processes that
-        share one copy share its probes, as the processes of a node share its libcuda."""
+        share one copy share its probes, as the processes of a node share its libcuda. `gap_bytes`: cache lines
+        written between two calls (bench_driver --gap-bytes), so that the probes run cold as in a real workload."""
         self.dir = tempfile.mkdtemp(prefix="otel-cuda-bench-")
         shutil.copy2(DRIVER, self.dir)
         self.variants = list(variants)
@@ -109,6 +111,8 @@ class Driver:
             self.libs[self.variants[0]] = lib
         full_env = {**os.environ, "FAKE_CUDA_SYNC_US": "0", **(env or {})}
         cmd = [os.path.join(self.dir, DRIVER.name), "--serve"] + (["--no-init"] if real else [])
+        if gap_bytes:
+            cmd += ["--gap-bytes", str(gap_bytes)]
         for v in self.variants:
             cmd += ["--lib", self.libs[v]]
         if cpus:
@@ -406,7 +410,9 @@ def sidecar_settings(pids: tuple[int, ...], archive_dir: str | None):
 
     args = argparse.Namespace(**{o.name: None for o in cfg.OPTIONS})
     values = dict(pid=tuple(pids), metrics_address="off", health_address="off", receiver_grpc="off", receiver_http="off",
-                  detach_grace=3600.0, discovery_interval=0.2)
+                  detach_grace=3600.0,
+                  # BENCH_DISCOVERY_INTERVAL: seconds between rescans (to bisect what the rescans cost the workload)
+                  discovery_interval=float(os.environ.get("BENCH_DISCOVERY_INTERVAL", 0.2)))
     if archive_dir:
         values["archive"] = archive_dir
     else:

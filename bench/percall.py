@@ -19,6 +19,8 @@ the no-probe copy's; ratios per round, median over rounds. The consumers' CPU (t
 bpftrace's /proc/PID/stat) is reported per event; lost events are counted for both (ours: the kernel's `lost`
 counter, queue drops and events missing from the count; bpftrace: "Lost N events" and lines missing from its file).
 With the kernel's run-time statistics (BPF_ENABLE_STATS) the BPF program bodies' own ns per run are reported too.
+--gap-bytes B: the driver writes B bytes of cache lines between two calls, so that the probes run with cold caches
+as between an inference server's launches (a tight loop keeps the trap path and the program hot, and flatters both).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def parse_args(argv=None):
     ap.add_argument("--metric", choices=("median", "p10", "cpu", "wall"), default="median",
                     help="per-call cost: elapsed time of the median 32-call chunk (default), of the 10th "
                          "percentile chunk, the driver thread's CPU time, or the mean elapsed time")
+    ap.add_argument("--gap-bytes", type=int, default=0,
+                    help="bytes of cache lines the driver writes between two calls (0: a tight loop, the probes stay hot; "
+                         "2097152: they run with cold caches, as between an inference server's launches)")
     ap.add_argument("--tracer-cpu", default="0")
     ap.add_argument("--workload-cpu", default="1")
     bl.add_libcuda_option(ap)
@@ -76,7 +81,7 @@ class PerCall:
         self.timed_sym = bl.SYMBOL[self.timed]
         self.stats_fd = bl.enable_bpf_stats()
         self.variants = ["none", "floor", "ours"] + ([] if args.no_seed else ["seed"])
-        self.driver = d = bl.Driver(self.variants, cpus=args.workload_cpu)
+        self.driver = d = bl.Driver(self.variants, cpus=args.workload_cpu, gap_bytes=args.gap_bytes)
         self.archive_dirs: list[str] = []
         self.floor = bl.EmptyProbes()
         self.floor.attach(d.lib("floor"), "cuLaunchKernel", False)
@@ -224,7 +229,7 @@ class PerCall:
             "seed_bpftrace_cpu_ns_per_event": bl.median(col("launch", "seed", "tracer_cpu_ns_per_event")),
             "timed_function": self.timed_sym,
             "consumer": next(iter(self.tracers.values())).kind if self.tracers else None,
-            "params": {k: getattr(self.args, k) for k in ("rounds", "n", "warmup", "metric", "tracer_cpu",
+            "params": {k: getattr(self.args, k) for k in ("rounds", "n", "warmup", "metric", "gap_bytes", "tracer_cpu",
                                                           "workload_cpu")} | {"chunk": CHUNK},
             "per_round": per_round,
             "rounds": self.rounds,

@@ -9,8 +9,9 @@ Everything runs on discovery's own thread, off the event path: the consumer hand
 `consider()`, which only queues (an exec storm on a busy node must not stall the ring-buffer reader). Scans are
 incremental: a process judged once is read again whole only if it execs (an exec event re-judges it) or its
 command line changes (vLLM renames its processes with setproctitle, no exec: `VLLM::EngineCore`) — only the
-command line of judged processes is re-read, every `rejudge_every` scans; only the few selected processes have
-their maps re-read, to see a library mapped late.
+command line of judged processes is re-read, every `rejudge_every` scans. A selected process's maps are read each
+scan only until it maps libcuda (torch loads it late, at CUDA init), then every `remap_every` scans: a CUDA process
+maps thousands of regions, and the H200 run showed the traced decode loop slowed by the 5 reads a second.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ class _Tracked:
     info: ProcInfo
     reported_no_library: bool = False
 
+    @property
+    def maps_driver(self) -> bool:
+        return any(LIBCUDA.search(lib.mapped_path) for lib in self.info.libraries)
+
 
 @dataclass
 class DiscoveryCounters:
@@ -193,6 +198,7 @@ class Discovery:
         self._self_pid = os.getpid()
         self._judged: dict[int, str] = {}  # pid -> cmdline, seen and not selected; an exec event re-judges one
         self.rejudge_every = 5  # scans between re-reads of the judged processes' command lines
+        self.remap_every = 50  # scans between re-reads of the maps of a process that maps libcuda (10 s)
         self._scans = 0
         self._pending: queue.Queue = queue.Queue(maxsize=65536)  # (pid, inherited) from the consumer
 
@@ -299,15 +305,22 @@ class Discovery:
                 if not (self.selector.matches(brief) and self.admit(pid)):
                     self._judged[pid] = brief.cmdline
                     continue
-            info = self.procfs.info(pid, self.library)
+            read_maps = known is None or not known.maps_driver or self._scans % self.remap_every == 0
+            info = self.procfs.info(pid, self.library if read_maps else None)
             if info is None:
                 continue
             if known and known.info.start_time != info.start_time:
                 self._forget(pid)  # the pid was reused by a new process
                 known = None
+                if not read_maps:
+                    info = self.procfs.info(pid, self.library)
+                    if info is None:
+                        continue
                 if not (self.selector.matches(info) and self.admit(pid)):
                     self._judged[pid] = info.cmdline
                     continue
+            elif not read_maps:
+                info = replace(info, libraries=known.info.libraries)
             seen.add(pid)
             if known is None:
                 self._track(info)

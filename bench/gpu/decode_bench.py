@@ -83,6 +83,18 @@ LAUNCH_API = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLa
               "cudaLaunchCooperativeKernel", "cuLaunchCooperativeKernel")
 
 
+def maps_read_cost(reads: int = 20) -> dict:
+    """Lines of /proc/self/maps and the median time to read it whole: discovery re-reads the maps of every selected
+    process each scan, and a CUDA process maps thousands of regions."""
+    times = []
+    for _ in range(reads):
+        t = time.perf_counter()
+        with open("/proc/self/maps") as f:
+            text = f.read()
+        times.append(time.perf_counter() - t)
+    return {"lines": text.count("\n"), "read_ms": round(sorted(times)[len(times) // 2] * 1e3, 3)}
+
+
 def count_profiled(prof):
     """(GPU kernels executed, launch API calls seen, those by name, where the counts came from) of a torch.profiler
     run: one kernel per launch, memcpy and memset activities left out."""
@@ -456,6 +468,9 @@ class Run:
             for t in self.tracers.values():
                 t.settle()
             self.only(None)
+            self.res["maps"] = maps_read_cost()
+            bl.log(f"this process's maps: {self.res['maps']['lines']} lines, read in {self.res['maps']['read_ms']} ms "
+                   "(what discovery re-reads of a selected process every scan)")
         if "setup: CUDA, models, warm-up (traced)" in self.res["errors"]:
             return
         if not traced:

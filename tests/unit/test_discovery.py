@@ -49,10 +49,36 @@ def test_a_scan_reads_each_unselected_process_once_and_the_maps_of_selected_ones
     assert procfs.full_reads == 501 + 1 and procfs.maps_reads == 1  # the selected one is read again with its maps
     procfs.full_reads = procfs.maps_reads = 0
     d.scan()
-    assert (procfs.full_reads, procfs.maps_reads) == (1, 1), "only the selected process is read again"
+    assert (procfs.full_reads, procfs.maps_reads) == (1, 0), "only the selected process is read again, not its maps"
     procfs.procs[3000] = "/usr/bin/new"
     d.scan()
     assert procfs.full_reads == 1 + 1 + 1  # the selected one, and the new pid once
+
+
+def test_maps_are_read_every_scan_until_libcuda_is_mapped_then_every_remap_every_scans():
+    procfs = CountingProcFS({2000: "python engine"})  # selected by --match, libcuda not loaded yet
+    procfs_libs = {}
+    plain_info = procfs.info
+
+    def info(pid, library):
+        found = plain_info(pid, library)
+        return found and ProcInfo(pid, found.cmdline, (), 1, procfs_libs.get(pid, ()) if library is not None else ())
+
+    procfs.info = info
+    d, _, libraries = make(procfs)
+    runtime = Library((1, 3), "/proc/2000/root/usr/lib/libcudart.so.12", "/usr/lib/libcudart.so.12")
+    procfs_libs[2000] = (runtime,)  # the runtime first (torch imports it), the driver at CUDA init
+    for _ in range(3):
+        d.scan()
+    assert procfs.maps_reads == 3 and libraries == [runtime], "no libcuda yet: the maps are read every scan"
+    procfs_libs[2000] = (runtime, LIB)
+    d.scan()
+    assert libraries == [runtime, LIB]
+    procfs.maps_reads = 0
+    for _ in range(2 * d.remap_every):
+        d.scan()
+    assert procfs.maps_reads == 2, "libcuda mapped: maps re-read once every remap_every scans"
+    assert d.tracked[2000].libraries == (runtime, LIB), "the libraries stay known between re-reads"
 
 
 def test_a_process_renamed_without_exec_is_selected_within_a_few_scans():

@@ -84,8 +84,8 @@ LAUNCH_API = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLa
 
 
 def maps_read_cost(reads: int = 20) -> dict:
-    """Lines of /proc/self/maps and the median time to read it whole: discovery re-reads the maps of every selected
-    process each scan, and a CUDA process maps thousands of regions."""
+    """Lines of /proc/self/maps and the median time to read it whole: what discovery pays for each read of a
+    selected CUDA process's maps (each scan until it maps libcuda, then every 50 scans)."""
     times = []
     for _ in range(reads):
         t = time.perf_counter()
@@ -470,7 +470,7 @@ class Run:
             self.only(None)
             self.res["maps"] = maps_read_cost()
             bl.log(f"this process's maps: {self.res['maps']['lines']} lines, read in {self.res['maps']['read_ms']} ms "
-                   "(what discovery re-reads of a selected process every scan)")
+                   "(what one read of a selected process's maps costs discovery)")
         if "setup: CUDA, models, warm-up (traced)" in self.res["errors"]:
             return
         if not traced:

@@ -11,8 +11,8 @@ incremental: a process judged once is read again whole only if it execs (an exec
 command line changes (vLLM renames its processes with setproctitle, no exec: `VLLM::EngineCore`) — only the
 command line of judged processes is re-read, every `rejudge_every` scans. A selected process's maps are read each
 scan only until it maps libcuda (torch loads it late, at CUDA init), then every `remap_every` scans: a CUDA process
-maps thousands of regions (~1 860 in PyTorch on the H200, 1.45 ms a read), which 5 reads a second made the largest
-part of an idle sidecar's discovery cost.
+maps thousands of regions (~1 860 in PyTorch on the H200, 1.45 ms a read): 5 reads a second of each traced process
+cost as much as scanning 500 others.
 """
 
 from __future__ import annotations

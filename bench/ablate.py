@@ -74,9 +74,7 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n", type=int, default=20000, help="launches per variant per round")
     bl.add_libcuda_option(ap)
-    ap.add_argument("--gap-bytes", type=int, default=0,
-                    help="bytes of cache lines the driver writes between two calls (0: a tight loop, the probes stay hot; "
-                         "2097152: they run with cold caches, as between an inference server's launches)")
+    bl.add_gap_option(ap)
     ap.add_argument("--workload-cpu", default="1")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")

@@ -40,6 +40,12 @@ def add_libcuda_option(ap) -> None:
                     "uninitialised, instead of the fake driver")
 
 
+def add_gap_option(ap) -> None:
+    ap.add_argument("--gap-bytes", type=int, default=0,
+                    help="bytes of cache lines the driver writes between two calls (0: a tight loop, the probes stay hot; "
+                         "2097152: they run with cold caches, as between an inference server's launches)")
+
+
 def use_libcuda(path: str | None) -> None:
     """Drivers started from now on call copies of `path` (bench_driver --no-init) instead of the fake driver."""
     if path:

@@ -58,9 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--metric", choices=("median", "p10", "cpu", "wall"), default="median",
                     help="per-call cost: elapsed time of the median 32-call chunk (default), of the 10th "
                          "percentile chunk, the driver thread's CPU time, or the mean elapsed time")
-    ap.add_argument("--gap-bytes", type=int, default=0,
-                    help="bytes of cache lines the driver writes between two calls (0: a tight loop, the probes stay hot; "
-                         "2097152: they run with cold caches, as between an inference server's launches)")
+    bl.add_gap_option(ap)
     ap.add_argument("--tracer-cpu", default="0")
     ap.add_argument("--workload-cpu", default="1")
     bl.add_libcuda_option(ap)

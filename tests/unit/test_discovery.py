@@ -14,6 +14,7 @@ class CountingProcFS:
         self.full_reads = 0  # info() calls
         self.maps_reads = 0  # info() calls that read maps
         self.cmdline_reads = 0
+        self.libraries = {}  # pid -> the libraries its maps show (default: LIB for an "engine")
         self.gate = threading.Event()
         self.gate.set()
 
@@ -26,7 +27,7 @@ class CountingProcFS:
             return None
         self.full_reads += 1
         self.maps_reads += library is not None
-        libs = (LIB,) if library is not None and "engine" in self.procs[pid] else ()
+        libs = self.libraries.get(pid, (LIB,) if "engine" in self.procs[pid] else ()) if library is not None else ()
         return ProcInfo(pid, self.procs[pid], (), 1, libs)
 
     def cmdline(self, pid):
@@ -57,21 +58,13 @@ def test_a_scan_reads_each_unselected_process_once_and_the_maps_of_selected_ones
 
 def test_maps_are_read_every_scan_until_libcuda_is_mapped_then_every_remap_every_scans():
     procfs = CountingProcFS({2000: "python engine"})  # selected by --match, libcuda not loaded yet
-    procfs_libs = {}
-    plain_info = procfs.info
-
-    def info(pid, library):
-        found = plain_info(pid, library)
-        return found and ProcInfo(pid, found.cmdline, (), 1, procfs_libs.get(pid, ()) if library is not None else ())
-
-    procfs.info = info
     d, _, libraries = make(procfs)
     runtime = Library((1, 3), "/proc/2000/root/usr/lib/libcudart.so.12", "/usr/lib/libcudart.so.12")
-    procfs_libs[2000] = (runtime,)  # the runtime first (torch imports it), the driver at CUDA init
+    procfs.libraries[2000] = (runtime,)  # the runtime first (torch imports it), the driver at CUDA init
     for _ in range(3):
         d.scan()
     assert procfs.maps_reads == 3 and libraries == [runtime], "no libcuda yet: the maps are read every scan"
-    procfs_libs[2000] = (runtime, LIB)
+    procfs.libraries[2000] = (runtime, LIB)
     d.scan()
     assert libraries == [runtime, LIB]
     procfs.maps_reads = 0

@@ -179,6 +179,7 @@ class Discovery:
         detach_grace_s: float = 30.0,
         clock=time.monotonic,
         admit: Callable[[int], bool] = lambda pid: True,
+        self_pid: int | None = None,  # never traced: the sidecar itself (tests name a pid no fake process has)
     ):
         self.selector = selector
         self.procfs = procfs
@@ -196,7 +197,7 @@ class Discovery:
         self._tracked: dict[int, _Tracked] = {}
         self._lock = threading.RLock()  # scan() runs on its thread, consider() on the pipeline's
         self._libraries: dict[tuple[int, int], Library] = {}
-        self._self_pid = os.getpid()
+        self._self_pid = os.getpid() if self_pid is None else self_pid
         self._judged: dict[int, str] = {}  # pid -> cmdline, seen and not selected; an exec event re-judges one
         self.rejudge_every = 5  # scans between re-reads of the judged processes' command lines
         self.remap_every = 50  # scans between re-reads of the maps of a process that maps libcuda (10 s)

@@ -95,6 +95,14 @@ def maps_read_cost(reads: int = 20) -> dict:
     return {"lines": text.count("\n"), "read_ms": round(sorted(times)[len(times) // 2] * 1e3, 3)}
 
 
+def host_steal_s() -> float:
+    """CPU seconds the hypervisor took from this VM's vCPUs so far (/proc/stat `steal`, all CPUs): how noisy the
+    loan was during a phase."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def count_profiled(prof):
     """(GPU kernels executed, launch API calls seen, those by name, where the counts came from) of a torch.profiler
     run: one kernel per launch, memcpy and memset activities left out."""
@@ -357,10 +365,14 @@ class Run:
                 self.only(m)
                 first = phase()
                 before = self.tracers[m].settle() if m else None
-                t0 = time.monotonic()
+                t0, cpu0, steal0 = time.monotonic(), time.thread_time(), host_steal_s()
                 tps = phase()
                 wall = time.monotonic() - t0
-                row[m or "untraced"] = {"tokens_per_s": tps, "phase_s": wall, "first_tokens_per_s": first}
+                # The launching thread's CPU time for the same tokens: what the probes cost it, without the time the
+                # host took (steal is not charged to a task) or the GPU waits: steadier than tokens/s on a busy loan.
+                row[m or "untraced"] = {"tokens_per_s": tps, "phase_s": wall, "first_tokens_per_s": first,
+                                        "thread_cpu_s": time.thread_time() - cpu0,
+                                        "host_steal_s": host_steal_s() - steal0}
                 if m:
                     after = self.tracers[m].settle()
                     row[m].update(self.capture(before, after, wall))
@@ -374,12 +386,17 @@ class Run:
             out[f"{m}_ratio_median"] = statistics.median(ratios)
             out[f"{m}_ratios"] = ratios
             out[f"{m}_tokens_per_s_median"] = statistics.median(r[m]["tokens_per_s"] for r in rows)
+            cpu = [r[m]["thread_cpu_s"] / r["untraced"]["thread_cpu_s"] for r in rows]
+            out[f"{m}_thread_cpu_ratios"] = cpu
+            out[f"{m}_thread_cpu_ratio_median"] = statistics.median(cpu)
             named = sum(r[m]["named"] for r in rows)
             unknown = sum(r[m]["unknown"] for r in rows)
             out[f"{m}_named_share"] = named / (named + unknown) if named + unknown else None
             out[f"{m}_lost"] = sum(r[m]["lost"] for r in rows)
             out[f"{m}_sidecar_cpu_share"] = statistics.median(r[m]["sidecar_cpu_s"] / r[m]["wall_s"] for r in rows)
         out["untraced_tokens_per_s_median"] = statistics.median(r["untraced"]["tokens_per_s"] for r in rows)
+        out["host_steal_s_per_phase_s"] = sum(v["host_steal_s"] for r in rows for v in r.values()) / sum(
+            v["phase_s"] for r in rows for v in r.values())
         self.res[name] = out
 
     @staticmethod
@@ -563,6 +580,12 @@ def table(res: dict) -> str:
             lines.append(f"  empty probes on the same functions {fmt(r['floor_tokens_per_s_median'], '{:.0f}')} tok/s, "
                          f"traced/untraced {fmt(r['floor_ratio_median'])} (the uprobe floor; ours/floor "
                          f"{fmt(statistics.median(o / f for o, f in zip(r['ours_ratios'], r['floor_ratios'])))})")
+        if "ours_thread_cpu_ratio_median" in r:
+            floor = (f", empty probes {fmt(r['floor_thread_cpu_ratio_median'])}"
+                     if "floor_thread_cpu_ratio_median" in r else "")
+            lines.append(f"  launching thread's CPU time for the same tokens, traced/untraced: ours "
+                         f"{fmt(r['ours_thread_cpu_ratio_median'])}{floor}; host steal "
+                         f"{fmt(r['host_steal_s_per_phase_s'], '{:.2f}')} CPU s per phase second")
     ce, cg = res.get("count_eager"), res.get("count_graph")
     if ce:
         lines.append(f"eager launches: captured {ce['captured_launches']} vs profiler kernels {ce['profiler_kernels']} "

@@ -368,8 +368,9 @@ class Run:
                 t0, cpu0, steal0 = time.monotonic(), time.thread_time(), host_steal_s()
                 tps = phase()
                 wall = time.monotonic() - t0
-                # The launching thread's CPU time for the same tokens: what the probes cost it, without the time the
-                # host took (steal is not charged to a task) or the GPU waits: steadier than tokens/s on a busy loan.
+                # The launching thread's CPU time for the same tokens: what the probes cost it, without the GPU waits
+                # and, where the guest kernel accounts steal (CONFIG_PARAVIRT_TIME_ACCOUNTING), the time the host
+                # took: steadier than tokens/s on a busy loan. host_steal_s says how busy the loan was.
                 row[m or "untraced"] = {"tokens_per_s": tps, "phase_s": wall, "first_tokens_per_s": first,
                                         "thread_cpu_s": time.thread_time() - cpu0,
                                         "host_steal_s": host_steal_s() - steal0}

@@ -370,7 +370,8 @@ class Run:
                 wall = time.monotonic() - t0
                 # The launching thread's CPU time for the same tokens: what the probes cost it, without the GPU waits
                 # and, where the guest kernel accounts steal (CONFIG_PARAVIRT_TIME_ACCOUNTING), the time the host
-                # took: steadier than tokens/s on a busy loan. host_steal_s says how busy the loan was.
+                # took; host_steal_s says how much that was. Whether it is steadier than tokens/s on a busy loan is
+                # to be seen (on the development machine it was not: see bench/RESULTS.md).
                 row[m or "untraced"] = {"tokens_per_s": tps, "phase_s": wall, "first_tokens_per_s": first,
                                         "thread_cpu_s": time.thread_time() - cpu0,
                                         "host_steal_s": host_steal_s() - steal0}

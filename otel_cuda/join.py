@@ -13,12 +13,16 @@ join runs when the span arrives. docs/join.md explains each rule with vLLM's cod
   time T is the last one ending at or before T. With `n` completion tokens the request's last-token step lies
   exactly n-1 steps after its first-token step (one token per step, no speculative decoding), and `delta` is at
   most the frontend's lag behind the engine (time_to_first_token vs queue + prefill; span end vs last token). The
-  join takes, per engine of the instance (data parallel: one per rank), the `delta` in that range that fits the
-  count, then the smallest token lags; the engine that fits best ran the request (its steps are claimed);
+  join tries every placement on every engine of the instance (data parallel: one per rank) and keeps those
+  that break no fact; of them, the one needing the least `delta` is taken (its steps are claimed). Where
+  another one breaks nothing either — another engine, or a step later on the same one because the frontend
+  lagged the engine by more than a step or two readbacks ended before one token was stamped — the answer is a
+  guess and says so (`ambiguous_engine`,
+  `ambiguous_step`); where every placement breaks a fact, the least broken is kept (`timing_mismatch`);
 * tensor parallel: the ranks of an engine step together; steps are counted once (the lowest-pid rank's), launches
   and bytes summed over ranks (each rank's step nearest in time); `cuda.ranks` says how many;
 * completeness: `cuda.join.complete=false` with the reasons when ring-buffer loss, a full kernel table, eviction
-  or tracing that began mid-request touched the request's windows;
+  or tracing that began mid-request touched the request's windows, or timing alone could not decide (above);
 * where the server exports its own phase spans (vLLM's proposed `vllm_prefill` / `vllm_decode`, SGLang's
   `prefill_forward` / `decode_forward`) in the same batch, the children go under them instead of the request.
 A step is shared by every request of its batch: attribute, don't divide (`cuda.requests.shared_by`).
@@ -174,6 +178,7 @@ class JoinCounters:
     invalid_latency_attributes: int = 0
     unknown_instance: int = 0
     incomplete: int = 0
+    incomplete_by: dict = field(default_factory=dict)  # reason -> joined requests it applied to
     children: int = 0
     by_request: list = field(default_factory=list)  # recent outcomes for the demo's report (bounded)
 
@@ -203,7 +208,7 @@ class Match:
     phases: dict  # phase -> list of the lead rank's steps
     ranks: dict  # phase -> list of every rank's steps (the lead's included)
     score: tuple
-    ambiguous: bool = False  # the request could have run on another engine as well
+    unsure: tuple = ()  # why timing alone cannot vouch for this placement (cuda.join.incomplete reasons)
 
 
 def _attrs(kvs) -> dict:
@@ -276,12 +281,12 @@ class Joiner:
     cuda.prefill / cuda.decode children through `tracer_for(pid)`."""
 
     def __init__(self, config: JoinConfig, buffer: StepBuffer, tracer_for: Callable[[int], trace.Tracer],
-                 epoch_offset_ns: Callable[[], int], instance_of: Callable[[dict, object], Instance | None],
+                 offset_at: Callable[[int], tuple[int, bool]], instance_of: Callable[[dict, object], Instance | None],
                  on_request: Callable[[dict], None] = lambda record: None):
         self.config = config
         self.buffer = buffer
         self.tracer_for = tracer_for
-        self.epoch_offset_ns = epoch_offset_ns
+        self.offset_at = offset_at  # epoch - monotonic when the wall clock read a time, and whether that is sure
         self.instance_of = instance_of
         self.on_request = on_request
         self.counters = JoinCounters()
@@ -312,7 +317,10 @@ class Joiner:
         start, end = span.start_time_unix_nano, span.end_time_unix_nano
         lat = latencies(attrs, c, end - start)
         instance = None if lat == "invalid_latency_attributes" else self.instance_of(resource, peer)
-        offset = self.epoch_offset_ns()
+        # the offset that held when the span ended; one the wall clock stepped around, or that changed between the
+        # span's start and end (its latencies then mix two clocks), leaves the windows unsure
+        (offset, sure), (start_offset, start_sure) = self.offset_at(end), self.offset_at(start)
+        clock_step = not (sure and start_sure and abs(start_offset - offset) <= c.tolerance_ns)
         windows: dict[str, tuple[int, int]] = {}
         lead: dict[str, list[BufferedStep]] = {}
         ranks: dict[str, list[BufferedStep]] = {}
@@ -344,8 +352,10 @@ class Joiner:
                 pids = sorted({s.pid for v in ranks.values() for s in v})
                 lo = min(w[0] for w in windows.values()) - offset
                 incomplete = self.buffer.incomplete(pids, lo, max(w[1] for w in windows.values()) - offset)
-                if match is not None and match.ambiguous:
-                    incomplete.append("ambiguous_engine")
+                if match is not None:
+                    incomplete += match.unsure
+                if clock_step:
+                    incomplete.append("clock_step")
         every = [s for steps in lead.values() for s in steps]
         if not every and outcome == "joined":
             outcome = "no_steps"
@@ -355,6 +365,8 @@ class Joiner:
             s.claimed_by += 1
         setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
         self.counters.incomplete += bool(incomplete)
+        for why in incomplete:
+            self.counters.incomplete_by[why] = self.counters.incomplete_by.get(why, 0) + 1
         parent_ids = {p: phase_parents.get(p, span.span_id) for p in windows}
         for phase, (w_start, w_end) in windows.items():
             if lead.get(phase):
@@ -416,15 +428,12 @@ class Joiner:
                                                           same_thread=len(pids) == 1 and pids[0] == engine)]
         if not fits:
             return None
-        fits.sort(key=lambda f: f[0])
+        fits.sort(key=lambda f: f[0])  # what a placement breaks, then the least hop it needs
         score, engine, (ranks, others), delta, k, i = fits[0]
         every_rank = [ranks[0][1]] + others
         phases = {"prefill": every_rank[0][k:k + 1], "decode": every_rank[0][k + 1:i + 1]}
         every = {"prefill": [r[k] for r in every_rank], "decode": [s for r in every_rank for s in r[k + 1:i + 1]]}
-        # another engine where the request could have run without breaking a fact: timing alone cannot decide
-        # (data-parallel engines in lockstep, as with MoE models); the counts are the best fit's, said to be unsure
-        ambiguous = any(f[1] != engine and f[0][0] == 0 for f in fits[1:])
-        return Match(engine, tuple(pid for pid, _ in ranks), delta, phases, every, score, ambiguous)
+        return Match(engine, tuple(pid for pid, _ in ranks), delta, phases, every, score, _unsure(fits))
 
     def _fits(self, lat: Latencies, steps: list[BufferedStep], ends: list[int], scheduled0: int, max_delta: int,
               same_thread: bool = False):
@@ -438,11 +447,14 @@ class Joiner:
         later was launched (with async scheduling the engine processes a step's output while the next one runs,
         and must have it before scheduling the one after); and delta lies in [0, max_delta].
         (Tensor-parallel workers get each step over IPC: their steps lag the scheduler.)
-        Each fact bounds delta; a placement whose bounds cross breaks a fact by that much. The score is (what
-        the facts are broken by, the two token lags at the least delta the facts allow): tokens are stamped soon
-        after their step's readback, so of the placements that break nothing, the one with the least lags ran it
-        (a step earlier adds a step's time to both lags and was launched before the request could be scheduled;
-        a step later ends after its token was stamped, unless the lag exceeds a step)."""
+        Each fact bounds delta; a placement whose bounds cross breaks a fact by that much. The facts bound delta
+        from above only by how far the frontend lags the engine (max_delta): while that lag is under a step, one
+        placement breaks nothing, unless two steps' readbacks ended before one token was stamped (an output thread
+        that stalled). When the frontend lags by more (a busy API server), the placements a step later break
+        nothing either, each needing a larger delta. The score is (what the facts are broken by, the
+        least delta the facts allow, the two token lags at it): the hop from the frontend to the engine's queue is
+        usually far shorter than a step, so the placement that needs the least of it is the likeliest — a guess
+        all the same, which match() reports as one (`ambiguous_step`)."""
         tol = self.config.tolerance_ns
         first0 = scheduled0 + lat.prefill
         last0 = first0 + lat.decode
@@ -467,7 +479,7 @@ class Joiner:
             broken = max(0, low - high - tol)
             delta = min(max(low, 0), max(high, 0))
             lags = (first0 + delta - ends[k]) + (last0 + delta - ends[i])
-            out.append(((broken, lags), delta, k, i))
+            out.append(((broken, delta, lags), delta, k, i))
         return out
 
     def _child(self, phase: str, start: int, end: int, lead: list[BufferedStep], every_rank: list[BufferedStep],
@@ -486,6 +498,20 @@ class Joiner:
             context=trace.set_span_in_context(NonRecordingSpan(parent)), links=links, attributes=attrs)
         span.end(end_time=max(start, end))
         self.counters.children += 1
+
+
+def _unsure(fits: list) -> tuple:
+    """Why the best placement (fits[0], sorted) is not certain: another one breaks no fact either — on another
+    engine, or a step off on the same one (the frontend lagged the engine by more than a step, or the output
+    thread stalled so that two steps' readbacks ended before one token was stamped) — and which of them ran the
+    request is a guess."""
+    broken, engine = fits[0][0][0], fits[0][1]
+    if broken:
+        return ("timing_mismatch",)  # every placement breaks a fact: the best is the least wrong
+    others = [f[1] for f in fits[1:] if f[0][0] == 0]
+    # another engine: data-parallel engines in lockstep (MoE models) or simply stepping alike
+    return tuple(why for why, found in (("ambiguous_engine", any(e != engine for e in others)),
+                                        ("ambiguous_step", engine in others)) if found)
 
 
 def _aligned(lead: list[BufferedStep], other: list[BufferedStep]) -> list[BufferedStep]:

@@ -83,6 +83,9 @@ class RecordedClock:
     def offset(self) -> int:
         return self.offset_ns
 
+    def offset_at(self, wall_ns: int) -> tuple[int, bool]:
+        return self.offset_ns, True
+
 
 class ReplayResources(tel.Resources):
     """Resources of processes that are gone: from the archive and the settings, not from /proc."""

@@ -182,6 +182,10 @@ class SelfMetrics:
         ("otel_cuda.archive.records", "archive", "{record}", "Archive records by outcome: written, dropped_<reason>"),
         ("otel_cuda.archive.uploads", "archive_uploads", "{file}", "Archive files uploaded to S3 and failed upload attempts"),
         ("otel_cuda.join.requests", "join", "{request}", "Request spans joined, by outcome"),
+        ("otel_cuda.join.incomplete", "join_incomplete", "{request}",
+         "Request spans joined with cuda.join.complete=false, by reason (ringbuf_loss, kernel_table_full, "
+         "steps_evicted, attached_mid_request, ambiguous_engine, ambiguous_step, timing_mismatch, clock_step); a "
+         "request may have several"),
         ("otel_cuda.receiver.spans", "receiver", "{span}", "Spans received and forwarded, by outcome"),
     )
 
@@ -245,7 +249,7 @@ class Telemetry:
         self.ancestors: dict[int, tuple[int, ...]] = {}  # traced pid -> its ancestors, parent first
         self.instances = InstanceMap(joiner_config.instance_key, lambda: dict(self.ancestors),
                                      lambda pid: self.resources.for_pid(pid).attributes)
-        self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset, self.instances.resolve,
+        self.joiner = Joiner(joiner_config, self.steps, self.tracers.tracer, clock.offset_at, self.instances.resolve,
                              on_request=on_request)
         self._losses = (0, 0, time.monotonic_ns())  # ring-buffer losses and kernel-table refusals at the last look
         self.pipeline = None
@@ -327,6 +331,7 @@ class Telemetry:
             out["kernel_table_full"] = p.probes.table_full()
         j = self.joiner.counters
         out["join"] = j.outcomes()
+        out["join_incomplete"] = dict(j.incomplete_by)
         for extra in self.extra_counts:
             out.update(extra())
         return out

@@ -41,7 +41,9 @@ The step, per rank (what vLLM's GPU model runner does; streams and events are cr
   LO,HI (default 1,4; seeded by --seed) after the readback sync returned (the last rank's), as vLLM's engine core
   stamps outputs once the worker hands them over; first/last token times come from those stamps. Async scheduling
   has already put the running requests into the next step with a placeholder token, but never past max_tokens, so
-  a request is in exactly max_tokens steps.
+  a request is in exactly max_tokens steps. The API server handles each output at once, or --frontend-lag-ms
+  LO,HI after its stamp (in order; a busy frontend, as vLLM's gets under load): the span's time_to_first_token
+  and end then lag the engine by that much.
   GPU time: the fake blocks FAKE_CUDA_SYNC_US (--sync-us, default 200) inside every sync call, whatever the event.
   On its own that would make the launching thread's wait on the prep event (long done on a real GPU) as slow as the
   output thread's wait on the copy event, and the next step could never launch before the previous readback
@@ -53,7 +55,7 @@ Usage
   python testbed/vllm_like.py serve --port 8000 --otlp-traces-endpoint http://127.0.0.1:4317 \\
       --ground-truth /tmp/gt.json [--host 127.0.0.1] [--model vllm-like] [--loop async|sync] [--dp 1] [--tp 1] \\
       [--max-batch 8] [--prefill-launches 30] [--decode-launches 12] [--graph-decode] [--gpu-us 2000] \\
-      [--sync-us 200] [--token-lag-ms 1,4] [--seed 0] [--load-delay 0] [--libcuda PATH]
+      [--sync-us 200] [--token-lag-ms 1,4] [--frontend-lag-ms 0] [--seed 0] [--load-delay 0] [--libcuda PATH]
   (`engine` and `worker` are the subcommands the server spawns itself; they speak JSON lines on stdin/stdout.)
   Kernel names reach a sidecar only if it attached before cuModuleGetFunction / cuLibraryGetKernel ran: each CUDA
   process maps libcuda and calls cuInit at once, then waits --load-delay seconds before loading kernels (give ~2 s
@@ -81,7 +83,7 @@ Ground truth (JSON; written to --ground-truth on exit, and served live at GET /d
    "engine_pid": engines[0].pid (version 1's key),
    "mono_to_epoch_ns": int,           # epoch_ns = monotonic_ns + this (CLOCK_MONOTONIC, as bpf_ktime_get_ns)
    "config": {"max_batch", "prefill_launches", "decode_launches", "graph_decode", "sync_us", "gpu_us", "loop",
-              "dp", "tp", "token_lag_ms": [lo, hi], "seed"},
+              "dp", "tp", "token_lag_ms": [lo, hi], "frontend_lag_ms": [lo, hi], "seed"},
    "kernels": {"0x…handle": "name", …},  # CUfunction handles as the launches pass them (every CUDA process)
    "graphs": ["0x…"],                 # CUgraphExec handles (with --graph-decode)
    "requests": [{                     # finished requests, in finishing order
@@ -89,6 +91,7 @@ Ground truth (JSON; written to --ground-truth on exit, and served live at GET /d
        "sampled": bool, "arrival_ns": epoch ns (= the span's start),
        "engine_pid": host pid of the engine that ran it, "engine_index": int,
        "queued_ns", "scheduled_ns", "first_token_ns", "last_token_ns": monotonic ns (engine),
+       "frontend_first_token_ns", "frontend_finished_ns": monotonic ns (when the API server saw them),
        "prompt_tokens": int, "completion_tokens": int,
        "prefill": {"steps": int, "launches": int, "graph_launches": int},
        "decode":  {"steps": int, "launches": int, "graph_launches": int}}],
@@ -298,12 +301,20 @@ BLOCKING_EVENT = CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING  # torch.cuda.
 PLAIN_EVENT = CU_EVENT_DISABLE_TIMING  # torch.cuda.Event() / torch.Event()
 
 
+def mono_to_epoch_ns() -> int:
+    """epoch - monotonic from the tightest of a few bracketed reads (one read preempted between its two clocks would
+    be off by the preemption)."""
+    reads = [(time.monotonic_ns(), time.time_ns(), time.monotonic_ns()) for _ in range(5)]
+    best = min(reads, key=lambda r: r[2] - r[0])
+    return best[1] - (best[0] + best[2]) // 2
+
+
 def parse_lag(text: str) -> tuple[float, float]:
     """'LO,HI' (ms) → (lo, hi); one number means a fixed lag."""
     parts = [float(x) for x in str(text).split(",")]
     lo, hi = (parts[0], parts[-1]) if len(parts) in (1, 2) else (-1.0, -1.0)
     if not 0 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"--token-lag-ms wants LO,HI with 0 <= LO <= HI, not {text!r}")
+        raise argparse.ArgumentTypeError(f"a lag wants LO,HI (ms) with 0 <= LO <= HI, not {text!r}")
     return lo, hi
 
 
@@ -999,7 +1010,7 @@ def engine_main(args) -> int:
         kernels.update(h["kernels"])
         graphs += [g for g in h["graphs"] if g not in graphs]
     send({"op": "hello", "index": args.engine_index, "pid": host_pid(), "ns_pid": os.getpid(),
-          "mono_to_epoch_ns": time.time_ns() - time.monotonic_ns(), "ranks": rank_hellos,
+          "mono_to_epoch_ns": mono_to_epoch_ns(), "ranks": rank_hellos,
           "device": rank_hellos[0]["device"], "kernels": kernels, "graphs": graphs,
           "phases": rank_hellos[0]["phases"], "missing_symbols": rank_hellos[0]["missing_symbols"]})
     log.info("engine ready: %s loop, tp %d (rank pids %s), max batch %d, driver %s", cfg.loop, cfg.tp,
@@ -1080,6 +1091,7 @@ class ServeConfig:
     ground_truth: str | None = None
     dp: int = 1
     engine: EngineConfig = EngineConfig()
+    frontend_lag_ms: tuple[float, float] = (0.0, 0.0)  # how late the API server handles each engine output
 
 
 class EngineClient:
@@ -1147,8 +1159,10 @@ class Engines:
     lengths — their step messages become token events for the waiting HTTP handlers, and the ground truth is
     gathered here."""
 
-    def __init__(self, cfg: EngineConfig, dp: int, env: dict):
+    def __init__(self, cfg: EngineConfig, dp: int, env: dict, frontend_lag_ms: tuple[float, float] = (0.0, 0.0)):
         self.cfg, self.dp = cfg, dp
+        self.frontend_lag_ms = frontend_lag_ms
+        self._lag_rng = random.Random(cfg.seed)
         self.lock = threading.Lock()
         self.waiters: dict[int, tuple[int, queue.Queue]] = {}  # request id → (engine index, its event queue)
         self.load = [0] * dp  # requests in flight per engine
@@ -1187,19 +1201,25 @@ class Engines:
             for q in lost:
                 q.put(("error", "engine exited"))
             return
+        lo, hi = self.frontend_lag_ms
+        if hi > 0:  # a busy API server (vLLM's output handler falls behind under load) handles each output late
+            due = msg["step"]["token_ns"] + int(self._lag_rng.uniform(lo, hi) * 1e6)
+            while (mono := time.monotonic_ns()) < due:
+                time.sleep((due - mono) / 1e9)
         now = time.time_ns()  # when the frontend sees the outputs: vLLM's iteration timestamp
+        mono = time.monotonic_ns()  # the same moment on the engines' clock, for the ground truth
         engine = {"engine_index": client.index, "engine_pid": (client.hello or {}).get("pid")}
         with self.lock:
             self.steps.append({**engine, **msg["step"]})
             for rid, index in msg["tokens"]:
                 w = self.waiters.get(rid)
                 if w is not None:
-                    w[1].put(("token", index, now))
+                    w[1].put(("token", index, now, mono))
             for fin in msg["finished"]:
                 w = self.waiters.pop(fin["id"], None)
                 if w is not None:
                     self.load[w[0]] -= 1
-                    w[1].put(("finished", {**fin, **engine}, now))
+                    w[1].put(("finished", {**fin, **engine}, now, mono))
 
     def add(self, request_id: str, max_tokens: int) -> tuple[int, queue.Queue]:
         q: queue.Queue = queue.Queue()
@@ -1254,7 +1274,7 @@ class Engines:
                        "decode_launches": c.decode_launches, "graph_decode": c.graph_decode, "sync_us": c.sync_us,
                        "gpu_us": c.gpu_us,
                        "loop": c.loop, "dp": self.dp, "tp": c.tp, "token_lag_ms": list(c.token_lag_ms),
-                       "seed": c.seed},
+                       "frontend_lag_ms": list(self.frontend_lag_ms), "seed": c.seed},
             "kernels": kernels, "graphs": graphs, "requests": requests, "steps": steps,
         }
 
@@ -1407,6 +1427,9 @@ class Frontend:
             "first_token_ns": fin["first_token_ns"], "last_token_ns": fin["last_token_ns"],
             "prompt_tokens": prompt_tokens, "completion_tokens": fin["completion_tokens"],
             "prefill": fin["prefill"], "decode": fin["decode"],
+            # when this frontend saw the first token and the finish (monotonic ns): how late it was
+            "frontend_first_token_ns": fin["frontend_ns"]["first_token"],
+            "frontend_finished_ns": fin["frontend_ns"]["finished"],
         })
 
 
@@ -1471,15 +1494,16 @@ class Handler(BaseHTTPRequestHandler):
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         out = _Output(self, chat, stream, response_id, fe.cfg.model, include_usage, x_request_id)
-        first_token_wall = None
+        first_token_wall = first_token_mono = None
         try:
             while True:
                 ev = events.get(timeout=300)
                 if ev[0] == "token":
-                    first_token_wall = first_token_wall or ev[2]
+                    first_token_wall, first_token_mono = first_token_wall or ev[2], first_token_mono or ev[3]
                     out.token(WORDS[(rid + ev[1]) % len(WORDS)])
                 elif ev[0] == "finished":
                     fin, finish_wall = ev[1], ev[2]
+                    fin["frontend_ns"] = {"first_token": first_token_mono or ev[3], "finished": ev[3]}
                     fe.finish(carrier, request_id, arrival_ns, first_token_wall or finish_wall, fin, finish_wall,
                               prompt_tokens, params)
                     out.done(prompt_tokens, fin["completion_tokens"])
@@ -1595,13 +1619,13 @@ def serve_main(args) -> int:
     sync_us = args.sync_us if args.sync_us is not None else int(os.environ.get("FAKE_CUDA_SYNC_US") or DEFAULT_SYNC_US)
     ecfg = replace(EngineConfig.from_args(args, sync_us=sync_us), libcuda=str(Path(args.libcuda).resolve()))
     cfg = ServeConfig(host=args.host, port=args.port, model=args.model, otlp_traces_endpoint=args.otlp_traces_endpoint,
-                      ground_truth=args.ground_truth, dp=args.dp, engine=ecfg)
+                      ground_truth=args.ground_truth, dp=args.dp, engine=ecfg, frontend_lag_ms=args.frontend_lag_ms)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     tracing = Tracing(cfg.otlp_traces_endpoint)
-    engines = Engines(ecfg, cfg.dp, {**os.environ, "FAKE_CUDA_SYNC_US": str(sync_us)})
+    engines = Engines(ecfg, cfg.dp, {**os.environ, "FAKE_CUDA_SYNC_US": str(sync_us)}, cfg.frontend_lag_ms)
     while not engines.wait_ready(0.2):
         if stop.is_set():
             engines.shutdown()
@@ -1682,6 +1706,9 @@ def main(argv=None) -> int:
     s.add_argument("--sync-us", type=int, default=None,
                    help="FAKE_CUDA_SYNC_US for the engines: what the fake blocks inside every sync call (default: "
                         f"that variable, else {DEFAULT_SYNC_US})")
+    s.add_argument("--frontend-lag-ms", type=parse_lag, default=(0.0, 0.0), metavar="LO,HI",
+                   help="handle each engine output LO-HI ms after the engine stamped it, in order: a busy API server "
+                        "(default 0: at once)")
     add_engine_options(s)
     for name, what in (("engine", "internal: an engine process the server spawns"),
                        ("worker", "internal: a worker process (one rank) an engine spawns with --tp > 1")):

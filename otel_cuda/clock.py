@@ -2,12 +2,12 @@
 
 BPF stamps events with bpf_ktime_get_ns (CLOCK_MONOTONIC); spans and the archive want epoch ns, and the join turns
 the epoch times of vLLM's spans back into monotonic ones. The offset between the two clocks is not fixed: NTP
-slews the wall clock, and it can step — a VM's clock is set right after the host paused it, by milliseconds to
-seconds (seen on our test machine: 11 s within 25 minutes). So the offset is re-sampled every `resample_s`, each
-sample the tightest of a few bracketed reads (a read preempted between its clocks is off by half the preemption:
-15-18 ms were seen on a loaded 2-core machine), and a change of at least `step_ns` between two samples is a step:
-the history of offsets says which one held when a given wall-clock time was read, or that the step came between
-two samples and nobody can tell.
+slews the wall clock, and it can step (a VM's clock is set right after the host paused it, by milliseconds to
+seconds). So the offset is re-sampled every `resample_s`, each sample the tightest of a few bracketed reads (a
+read preempted between its clocks is off by half the preemption: milliseconds on a loaded machine), and a change
+of at least `step_ns` between two samples is a step: the history of offsets says which one held when a given
+wall-clock time was read, or that the step came between two samples and nobody can tell. docs/join.md has what
+was seen on our development machine.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """CLOCK_MONOTONIC -> Unix epoch, and back for a wall-clock time stamped elsewhere.
 
 BPF stamps events with bpf_ktime_get_ns (CLOCK_MONOTONIC); spans and the archive want epoch ns, and the join turns
-the epoch times of vLLM's spans back into monotonic ones. The offset between the two clocks is not fixed: NTP
-slews the wall clock, and it can step (a VM's clock is set right after the host paused it, by milliseconds to
-seconds). So the offset is re-sampled every `resample_s`, each sample the tightest of a few bracketed reads (a
-read preempted between its clocks is off by half the preemption: milliseconds on a loaded machine), and a change
-of at least `step_ns` between two samples is a step: the history of offsets says which one held when a given
-wall-clock time was read, or that the step came between two samples and nobody can tell. docs/join.md has what
-was seen on our development machine.
+the epoch times of vLLM's spans back into monotonic ones. NTP's slewing moves both clocks alike
+(clock_gettime(2)), so the offset between them changes only when the wall clock is set: an NTP step, a VM's
+clock set right after the host paused it (by milliseconds to seconds). So the offset is re-sampled every
+`resample_s`, each sample the tightest of a few bracketed reads (a read preempted between its clocks is off by half
+the preemption: milliseconds on a loaded machine), and a change of at least `step_ns` between two samples is a
+step: the history of offsets says which one held when a given wall-clock time was read, or that the step came
+between two samples and nobody can tell. docs/join.md has what was seen on our development machine.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def sample(tries: int = 5) -> tuple[int, int]:
 class MonotonicToEpoch:
     def __init__(self, resample_s: float = 1.0, step_ns: int = 1_000_000, history: int = 1024, read=sample):
         self.resample_s = resample_s
-        self.step_ns = step_ns  # well above a sample's error and a second's slew (NTP slews at most 0.5 ms/s)
+        self.step_ns = step_ns  # far above a sample's error (half its tightest bracket: well under 0.1 ms)
         self._read = read
         self._lock = threading.Lock()
         # [first sample, last sample, offset]: one offset held between those two monotonic times; a step came
@@ -49,7 +49,7 @@ class MonotonicToEpoch:
         with self._lock:
             last = self._segments[-1] if self._segments else None
             if last is not None and abs(offset - last[2]) < self.step_ns:
-                last[1], last[2] = mono, offset  # the same clock, slewed a little: follow it
+                last[1], last[2] = mono, offset  # the same offset, within a sample's error
             else:
                 self.steps += last is not None
                 self._segments.append([mono, mono, offset])
